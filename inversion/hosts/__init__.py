@@ -1,0 +1,1 @@
+"""Host adapters that implement ``inversion.host`` protocols over concrete model libraries."""

@@ -1,0 +1,146 @@
+"""Prompt templates, and turning prompts with placeholders into ``ids``/``slots`` for an encoder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .host import TextEncoder
+
+__all__ = [
+    "OBJECT_TEMPLATES",
+    "STYLE_TEMPLATES",
+    "PromptBatch",
+    "build_prompt_batch",
+    "check_templates",
+]
+
+# The template sets of the original textual inversion (Gal et al. 2022), as used by diffusers'
+# and A1111's trainers, so results are comparable. "{}" is replaced by the placeholder.
+OBJECT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+STYLE_TEMPLATES: tuple[str, ...] = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """Validate custom templates: each must contain exactly one ``{}``."""
+    out = tuple(t.strip() for t in templates if t.strip())
+    if not out:
+        raise ValueError("no prompt templates given: pass at least one template containing '{}'")
+    bad = [t for t in out if t.count("{}") != 1]
+    if bad:
+        raise ValueError(
+            f"each template needs exactly one '{{}}' where the concept goes; fix: {bad[:3]}"
+        )
+    return out
+
+
+@dataclass
+class PromptBatch:
+    """Token ids and slot indices of a batch of prompts for one encoder."""
+
+    ids: torch.Tensor  # [B, L] long
+    slots: torch.Tensor  # [B, L] long, -1 or a row of the learned-vector table
+
+
+def _split_on_placeholders(text: str, placeholders: Mapping[str, tuple[int, int]]) -> list[str | tuple[int, int]]:
+    if not placeholders:
+        return [text]
+    pattern = "(" + "|".join(re.escape(p) for p in sorted(placeholders, key=len, reverse=True)) + ")"
+    parts: list[str | tuple[int, int]] = []
+    for piece in re.split(pattern, text):
+        if piece in placeholders:
+            parts.append(placeholders[piece])
+        elif piece:
+            parts.append(piece)
+    return parts
+
+
+def build_prompt_batch(
+    encoder: TextEncoder,
+    prompts: Sequence[str],
+    placeholders: Mapping[str, tuple[int, int]],
+    device: torch.device | str | None = None,
+) -> PromptBatch:
+    """Tokenise ``prompts`` for ``encoder``, expanding each placeholder to its k slots.
+
+    ``placeholders`` maps a placeholder string to ``(offset, k)``: its vectors are rows
+    ``offset .. offset + k - 1`` of the learned-vector table handed to ``encoder.encode``.
+    """
+    L = encoder.max_length
+    all_ids, all_slots = [], []
+    for prompt in prompts:
+        ids: list[int] = [encoder.bos_id]
+        slots: list[int] = [-1]
+        for part in _split_on_placeholders(prompt, placeholders):
+            if isinstance(part, tuple):
+                offset, k = part
+                ids.extend([encoder.bos_id] * k)  # ignored at slot positions; never the EOS id
+                slots.extend(range(offset, offset + k))
+            else:
+                toks = encoder.tokenize(part)
+                ids.extend(toks)
+                slots.extend([-1] * len(toks))
+        ids.append(encoder.eos_id)
+        slots.append(-1)
+        if len(ids) > L:
+            raise ValueError(
+                f"prompt {prompt!r} is {len(ids)} tokens for {encoder.key}, more than its "
+                f"{L}; shorten the template or caption, or use fewer vectors per concept"
+            )
+        pad = L - len(ids)
+        all_ids.append(ids + [encoder.pad_id] * pad)
+        all_slots.append(slots + [-1] * pad)
+    return PromptBatch(
+        torch.tensor(all_ids, dtype=torch.long, device=device),
+        torch.tensor(all_slots, dtype=torch.long, device=device),
+    )

@@ -1,0 +1,193 @@
+"""Timestep strategies: which diffusion timesteps each training step looks at.
+
+All strategies share one interface, ``TimestepSampler``: ``sample(n, generator)`` returns n integer
+timesteps in [0, T); ``observe(t, g)`` receives, after the backward pass, the conditioning gradient
+norm g = ||grad_c ||eps_hat - eps|| || measured for each sampled t (seeds/000 Eq. 4), which the
+adaptive strategy learns from and the others ignore.
+
+From Wang & Kalogeiton, *Conditional Gradient-based Textual Inversion* (seeds/000):
+- ``Uniform``: t ~ U[0, T), vanilla textual inversion;
+- ``Interval``: t ~ U[a, b], the paper's baselines [900, 1000], [0, 100], [350, 450];
+- ``Single``: one fixed t (the paper's t = 400);
+- ``high_grad``: the interval of a gradient profile's highest window (strategy (1) of Sec. 3);
+- ``Adaptive``: t ~ PDF(g(t)) with g estimated on the fly (Eq. 5, strategy (2)).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["TimestepSampler", "Uniform", "Interval", "Single", "Adaptive", "high_grad"]
+
+
+@runtime_checkable
+class TimestepSampler(Protocol):
+    num_timesteps: int
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n integer timesteps (CPU, long)."""
+        ...
+
+    def observe(self, t: torch.Tensor, g: torch.Tensor) -> None:
+        """Feedback: the Eq. 4 gradient norm ``g`` [n] measured at timesteps ``t`` [n]."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    def describe(self) -> str:
+        ...
+
+
+class _Stateless:
+    def observe(self, t: torch.Tensor, g: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Interval(_Stateless):
+    """t ~ U{a, ..., b} (both ends included, clipped to [0, T-1])."""
+
+    def __init__(self, a: int, b: int, num_timesteps: int = 1000):
+        a, b = int(a), int(b)
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if a < 0 or a > b:
+            raise ValueError(f"timestep interval [{a}, {b}] is empty or negative; need 0 <= a <= b")
+        if a >= num_timesteps:
+            raise ValueError(f"timestep interval starts at {a}, beyond the model's {num_timesteps} timesteps")
+        self.num_timesteps = num_timesteps
+        self.a, self.b = a, min(b, num_timesteps - 1)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(self.a, self.b + 1, (n,), generator=generator)
+
+    def describe(self) -> str:
+        return f"interval[{self.a},{self.b}]"
+
+
+class Uniform(Interval):
+    """t ~ U{0, ..., T-1}: vanilla textual inversion."""
+
+    def __init__(self, num_timesteps: int = 1000):
+        super().__init__(0, num_timesteps - 1, num_timesteps)
+
+    def describe(self) -> str:
+        return "uniform"
+
+
+class Single(Interval):
+    """Always the same timestep t0 (seeds/000: even t = 400 alone can invert a concept)."""
+
+    def __init__(self, t0: int = 400, num_timesteps: int = 1000):
+        if not 0 <= int(t0) < num_timesteps:
+            raise ValueError(f"single timestep {t0} is outside [0, {num_timesteps - 1}]")
+        super().__init__(t0, t0, num_timesteps)
+
+    def describe(self) -> str:
+        return f"single[{self.a}]"
+
+
+def high_grad(profile, width: int = 100, num_timesteps: int | None = None) -> Interval:
+    """Strategy (1) of seeds/000 Sec. 3: train on the window of width ``width`` where g(t) is highest.
+
+    ``profile`` is a ``GradProfile`` (``inversion.profiler``) or anything with ``best_window(width)``.
+    """
+    a, b = profile.best_window(width)
+    return Interval(a, b, num_timesteps or profile.num_timesteps)
+
+
+class Adaptive:
+    """t ~ PDF(g(t)) (seeds/000 Eq. 5), with g(t) estimated on the fly from the training steps.
+
+    [0, T) is cut into ``bins`` equal bins. Each bin keeps a running estimate of
+    g = E||grad_c ||eps_hat - eps|| || from the per-sample gradient norms the trainer's backward
+    pass already computes (no extra passes): an exponential moving average with factor ``ema``
+    once the bin has been seen, the plain mean before. A bin is drawn with probability
+    (1 - explore) * g_bin / sum(g) + explore / bins, so every bin keeps being measured and
+    the estimate can follow g(t) as it changes during training; t is then uniform inside the bin.
+    Each bin's estimate is a running mean over its first 1/(1 - ema) observations, then an EMA.
+    Until every bin has ``min_count`` observations the bins are drawn uniformly (unless the
+    sampler is seeded with a profile, whose values stand in for the missing observations).
+    """
+
+    def __init__(self, num_timesteps: int = 1000, bins: int = 20, explore: float = 0.1,
+                 ema: float = 0.9, min_count: int = 1, profile=None):
+        if bins < 1 or bins > num_timesteps:
+            raise ValueError(f"adaptive bins must be in [1, {num_timesteps}], got {bins}")
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"adaptive explore must be in [0, 1], got {explore}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"adaptive ema must be in [0, 1), got {ema}")
+        self.num_timesteps = num_timesteps
+        self.bins = bins
+        self.explore = float(explore)
+        self.ema = float(ema)
+        self.min_count = int(min_count)
+        self.edges = torch.linspace(0, num_timesteps, bins + 1).round().long()
+        self.estimate = torch.zeros(bins, dtype=torch.float64)
+        self.count = torch.zeros(bins, dtype=torch.long)
+        self.seeded = False
+        if profile is not None:
+            self.seed_from(profile)
+
+    def seed_from(self, profile) -> None:
+        """Start from a measured profile: its g(t), resampled at this sampler's bin centres."""
+        centers = (self.edges[:-1] + self.edges[1:]).double() / 2
+        self.estimate = profile.value_at(centers).double().clamp(min=0)
+        self.seeded = True
+
+    def bin_of(self, t: torch.Tensor) -> torch.Tensor:
+        return (torch.bucketize(t.long(), self.edges[1:], right=True)).clamp(max=self.bins - 1)
+
+    def probabilities(self) -> torch.Tensor:
+        """The current distribution over bins (Eq. 5 mixed with ``explore`` uniform mass)."""
+        uniform = torch.full((self.bins,), 1.0 / self.bins, dtype=torch.float64)
+        if not self.seeded and bool((self.count < self.min_count).any()):
+            return uniform
+        g = self.estimate.clamp(min=0)
+        total = float(g.sum())
+        if total <= 0 or not torch.isfinite(g).all():
+            return uniform
+        return (1 - self.explore) * g / total + self.explore * uniform
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        b = torch.multinomial(self.probabilities(), n, replacement=True, generator=generator)
+        lo, hi = self.edges[b], self.edges[b + 1]
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return (lo + (u * (hi - lo).double()).floor().long()).clamp(max=self.num_timesteps - 1)
+
+    def observe(self, t: torch.Tensor, g: torch.Tensor) -> None:
+        t = t.detach().cpu().long().flatten()
+        g = g.detach().cpu().double().flatten()
+        for b, val in zip(self.bin_of(t).tolist(), g.tolist()):
+            if val != val or val in (float("inf"), float("-inf")):
+                continue
+            c = int(self.count[b])
+            # Running mean for the first 1/(1-ema) observations, then an EMA that follows g(t)
+            # as it changes during training.
+            alpha = max(1.0 / (c + 1), 1.0 - self.ema)
+            self.estimate[b] += alpha * (val - float(self.estimate[b]))
+            self.count[b] = c + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimate": self.estimate.clone(), "count": self.count.clone(),
+                "seeded": torch.tensor(int(self.seeded))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.estimate = state["estimate"].double().clone()
+        self.count = state["count"].long().clone()
+        self.seeded = bool(int(state.get("seeded", torch.tensor(0))))
+
+    def describe(self) -> str:
+        return f"adaptive[bins={self.bins},explore={self.explore}]"

@@ -1,0 +1,512 @@
+"""The textual-inversion training loop (Gal et al. 2022), with pluggable timesteps and optimiser.
+
+    v* = argmin_v E_{x, eps, t} || eps_theta(x_t, t, c_theta(y(v))) - eps ||^2      (seeds/000 Eq. 3)
+
+Only the learned vectors are trainable leaf tensors; the text encoder(s) and the denoiser stay
+frozen, and their token tables never receive a gradient or an optimiser state. Latents are
+encoded once (``prepare_concept``); each step encodes each distinct prompt once; per-sample
+gradient norms of the conditioning (seeds/000 Eq. 4) fall out of the same backward pass and feed
+the adaptive timestep sampler, the callback and the history.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .embedding import LearnedEmbedding
+from .host import Conditioning, Denoiser, LatentEncoder, TextSide
+from .optim import AdamW, VectorOptimizer
+from .prompts import OBJECT_TEMPLATES, build_prompt_batch, check_templates
+from .regularizers import RegContext, Regularizer
+from .timesteps import TimestepSampler, Uniform
+
+__all__ = [
+    "TrainConfig",
+    "ConceptData",
+    "prepare_concept",
+    "StepInfo",
+    "TrainHistory",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+    "TrainingDiverged",
+    "lr_at",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one run. Defaults follow diffusers' / A1111's textual inversion unless noted."""
+
+    steps: int = 500  # optimisation steps (each may accumulate several micro-batches)
+    batch_size: int = 1  # images per micro-batch; B=1 is what most users can afford on SD
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 5e-3  # AdamW on raw vectors; DTI presets override (their step is in radians)
+    lr_schedule: str = "constant"  # constant | linear | cosine (after warm-up)
+    warmup_steps: int = 0  # linear warm-up from 0, in optimiser steps
+    templates: tuple[str, ...] = OBJECT_TEMPLATES  # "{}" becomes the placeholder
+    flip: bool = True  # horizontal-flip augmentation, cached as extra latents
+    seed: int = 0  # every random draw of step s derives from (seed, s): runs resume exactly
+    checkpoint_every: int = 0  # 0 = never; else the checkpoint callback runs every N steps
+    autocast_dtype: str | None = None  # "bf16" / "fp16" on GPU; None = the models' own dtype
+    max_grad_norm: float = 0.0  # 0 = off; else clip the vectors' gradient norm
+
+    def validate(self) -> "TrainConfig":
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}; set how many optimisation steps to run")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise ValueError("warmup_steps and checkpoint_every must be >= 0")
+        if self.autocast_dtype not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {self.autocast_dtype!r}")
+        check_templates(self.templates)
+        return self
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then the schedule."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    frac = min(1.0, (step - config.warmup_steps) / span)
+    if config.lr_schedule == "linear":
+        return config.lr * (1.0 - frac)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return config.lr
+
+
+@dataclass
+class ConceptData:
+    """One concept's training data: its initial embedding and its latents, encoded once."""
+
+    embedding: LearnedEmbedding
+    latents: torch.Tensor  # [M, C, h, w]: each image, then (if flip) each flipped image
+    captions: list[str] | None = None  # per latent; contain the placeholder; None = templates
+    masks: torch.Tensor | None = None  # [M, 1, h, w] loss weights at latent resolution
+
+
+def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embedding: LearnedEmbedding, *,
+                    captions: Sequence[str] | None = None, masks: torch.Tensor | None = None,
+                    flip: bool = True, batch_size: int = 4) -> ConceptData:
+    """Encode ``images`` [N, 3, H, W] in [0, 1] (and their mirror images) once.
+
+    ``captions``: one per image, each containing the embedding's placeholder (used instead of
+    templates). ``masks`` [N, 1, H, W] or [N, H, W] in [0, 1]: where the loss counts.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"no usable concept images: expected a tensor [N, 3, H, W] with N >= 1, got {shape}; "
+                         "load at least one image of the concept")
+    if images.shape[1] != 3:
+        raise ValueError(f"concept images need 3 channels (RGB) in dim 1, got {images.shape[1]}")
+    n = images.shape[0]
+    if captions is not None:
+        captions = list(captions)
+        if len(captions) != n:
+            raise ValueError(f"got {len(captions)} captions for {n} images; give one per image or none")
+        bad = [c for c in captions if embedding.placeholder not in c]
+        if bad:
+            raise ValueError(f"every caption must contain the placeholder {embedding.placeholder!r}; "
+                             f"missing in {bad[:2]}")
+    batch = torch.cat([images, images.flip(-1)]) if flip else images
+    with torch.no_grad():
+        lat = torch.cat([latent_encoder.encode(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)])
+    lat = lat.detach().float()
+    mask_lat = None
+    if masks is not None:
+        m = masks.float()
+        if m.ndim == 3:
+            m = m[:, None]
+        if m.shape[0] != n or m.ndim != 4:
+            raise ValueError(f"masks must be [N, 1, H, W] with N = {n} images, got {tuple(masks.shape)}")
+        m = torch.cat([m, m.flip(-1)]) if flip else m
+        mask_lat = torch.nn.functional.interpolate(m, size=lat.shape[-2:], mode="area").clamp(0, 1)
+        if bool((mask_lat.flatten(1).sum(1) <= 0).any()):
+            raise ValueError("a concept mask is empty at latent resolution; paint the object or drop the mask")
+    caps = None if captions is None else (captions + captions if flip else captions)
+    return ConceptData(embedding, lat, caps, mask_lat)
+
+
+@dataclass
+class StepInfo:
+    """Plain per-step data handed to the callback (progress, previews, charts, cancellation)."""
+
+    step: int  # 1-based number of optimiser steps done
+    total: int
+    loss: float  # mean diffusion loss of the step (without regularisers)
+    reg_loss: float
+    lr: float
+    timesteps: list[int]
+    grad_norms: list[float]  # Eq. 4 g for each sample of the step
+    grad_norm: float  # their mean
+    vector_norms: dict[str, list[float]]  # per encoder, per learned vector, after the step
+    elapsed: float  # seconds since the run started
+    sampler: str = ""
+    g_estimate: list[float] | None = None  # adaptive sampler's per-bin g(t), if any
+
+
+@dataclass
+class TrainHistory:
+    """Everything needed for plots, in plain lists."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    timesteps: list[list[int]] = field(default_factory=list)
+    sample_grad_norms: list[list[float]] = field(default_factory=list)
+    vector_norm: list[float] = field(default_factory=list)  # mean over vectors and encoders
+
+    def append(self, info: StepInfo) -> None:
+        self.step.append(info.step)
+        self.loss.append(info.loss)
+        self.lr.append(info.lr)
+        self.grad_norm.append(info.grad_norm)
+        self.timesteps.append(list(info.timesteps))
+        self.sample_grad_norms.append(list(info.grad_norms))
+        norms = [x for v in info.vector_norms.values() for x in v]
+        self.vector_norm.append(sum(norms) / max(1, len(norms)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainHistory":
+        return cls(**{k: list(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint needs to continue a run exactly: step, vectors, optimiser, sampler, history."""
+
+    step: int
+    vectors: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    sampler: dict[str, Any]
+    history: TrainHistory
+
+
+@dataclass
+class TrainResult:
+    embeddings: list[LearnedEmbedding]
+    history: TrainHistory
+    steps_done: int
+    stopped_early: bool
+
+    @property
+    def embedding(self) -> LearnedEmbedding:
+        return self.embeddings[0]
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or inf. ``embeddings`` holds the last good vectors."""
+
+    def __init__(self, message: str, embeddings: list[LearnedEmbedding]):
+        super().__init__(message)
+        self.embeddings = embeddings
+
+
+def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    # A fresh generator per (seed, step, micro-batch): draws never depend on the run's history,
+    # so a resumed run makes exactly the draws the uninterrupted run would have made.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1))
+
+
+class Trainer:
+    """Learns the vectors of one or several concepts against a frozen text-to-image model.
+
+    Several concepts train together in one table of vectors (each prompt names one concept),
+    which is what lets the contrastive regulariser use the others as negatives.
+    """
+
+    def __init__(self, text: TextSide, denoiser: Denoiser, concepts: Sequence[ConceptData],
+                 config: TrainConfig = TrainConfig(), *, timesteps: TimestepSampler | None = None,
+                 optimizer: VectorOptimizer | None = None, regularizers: Sequence[Regularizer] = (),
+                 device: torch.device | str | None = None, resume: TrainState | None = None,
+                 checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None):
+        self.config = config.validate()
+        if not concepts:
+            raise ValueError("no concepts to train: give at least one ConceptData (prepare_concept)")
+        self.text = text
+        self.denoiser = denoiser
+        self.concepts = list(concepts)
+        self.sampler = timesteps or Uniform(denoiser.num_timesteps)
+        if self.sampler.num_timesteps != denoiser.num_timesteps:
+            raise ValueError(f"timestep sampler is for T={self.sampler.num_timesteps} but the model has "
+                             f"T={denoiser.num_timesteps}")
+        self.optimizer = optimizer or AdamW()
+        self.regularizers = list(regularizers)
+        self.checkpoint_fn = checkpoint
+        self.metadata = dict(metadata or {})
+        self.device = torch.device(device) if device is not None else self.concepts[0].latents.device
+        self._check_concepts()
+        self.tables = {e.key: e.token_table() for e in text.encoders}
+        # The only trainable tensors: one [K_total, d] leaf per encoder.
+        self.rows: list[range] = []
+        self.placeholders: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for c in self.concepts:
+            k = c.embedding.num_vectors
+            self.rows.append(range(offset, offset + k))
+            self.placeholders[c.embedding.placeholder] = (offset, k)
+            offset += k
+        self.params = {
+            e.key: torch.cat([c.embedding.vectors[e.key].float() for c in self.concepts]).to(self.device)
+            .detach().clone().requires_grad_(True)
+            for e in text.encoders
+        }
+        self.latents = torch.cat([c.latents for c in self.concepts]).to(self.device)
+        self.owner = torch.cat([torch.full((len(c.latents),), i, dtype=torch.long)
+                                for i, c in enumerate(self.concepts)])
+        self.captions = [cap for c in self.concepts
+                         for cap in (c.captions if c.captions is not None else [None] * len(c.latents))]
+        self.masks = None
+        if any(c.masks is not None for c in self.concepts):
+            self.masks = torch.cat([c.masks if c.masks is not None else torch.ones_like(c.latents[:, :1])
+                                    for c in self.concepts]).to(self.device)
+        self.history = TrainHistory()
+        self.step = 0
+        if resume is not None:
+            self._load_state(resume)
+        else:
+            self.optimizer.prepare(self.params)
+        self._good = {k: v.detach().clone() for k, v in self.params.items()}
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _check_concepts(self) -> None:
+        widths = {e.key: e.width for e in self.text.encoders}
+        seen = set()
+        for c in self.concepts:
+            emb = c.embedding
+            if set(emb.vectors) != set(widths):
+                raise ValueError(
+                    f"embedding {emb.name!r} has vectors for {sorted(emb.vectors)} but the model's text "
+                    f"encoders are {sorted(widths)}; initialise it from this model's CLIP "
+                    "(an SDXL embedding needs clip_l and clip_g)")
+            for k, v in emb.vectors.items():
+                if v.shape[1] != widths[k]:
+                    raise ValueError(f"embedding {emb.name!r}: {k} vectors are {v.shape[1]}-d but the encoder "
+                                     f"expects {widths[k]}-d; this embedding was made for another model")
+            if emb.placeholder in seen:
+                raise ValueError(f"two concepts share the placeholder {emb.placeholder!r}; give each its own")
+            seen.add(emb.placeholder)
+            if len(c.latents) == 0:
+                raise ValueError(f"concept {emb.name!r} has no images; load at least one")
+        total_k = sum(c.embedding.num_vectors for c in self.concepts)
+        for e in self.text.encoders:
+            longest = max(len(e.tokenize(t.replace("{}", ""))) for t in self.config.templates)
+            if longest + total_k + 2 > e.max_length:
+                raise ValueError(f"{total_k} vectors plus the longest template do not fit in {e.max_length} "
+                                 "tokens; use fewer vectors or shorter templates")
+
+    # ---- state -------------------------------------------------------------------------------
+    def embeddings(self) -> list[LearnedEmbedding]:
+        """The last good vectors of every concept (never a NaN step's), as detached embeddings."""
+        out = []
+        for c, r in zip(self.concepts, self.rows):
+            vec = {k: v[r.start:r.stop].detach().cpu().float().clone() for k, v in self._good.items()}
+            meta = dict(c.embedding.metadata)
+            meta.update(self.metadata)
+            meta.update({"steps": str(self.step), "seed": str(self.config.seed),
+                         "timesteps": self.sampler.describe(), "optimizer": type(self.optimizer).__name__})
+            out.append(LearnedEmbedding(c.embedding.name, vec, c.embedding.placeholder, meta))
+        return out
+
+    def state(self) -> TrainState:
+        return TrainState(self.step, {k: v.detach().cpu().clone() for k, v in self._good.items()},
+                          self.optimizer.state_dict(), self.sampler.state_dict(),
+                          TrainHistory.from_dict(self.history.to_dict()))
+
+    def _load_state(self, s: TrainState) -> None:
+        if set(s.vectors) != set(self.params):
+            raise ValueError(f"resume state has vectors for {sorted(s.vectors)}, this run trains {sorted(self.params)}")
+        for k, v in s.vectors.items():
+            if v.shape != self.params[k].shape:
+                raise ValueError(f"resume state: {k} vectors are {tuple(v.shape)}, expected {tuple(self.params[k].shape)}")
+            with torch.no_grad():
+                self.params[k].copy_(v.to(self.device))
+        if s.step >= self.config.steps:
+            raise ValueError(f"the checkpoint is already at step {s.step} of {self.config.steps}; "
+                             "raise steps to continue training")
+        self.step = s.step
+        self.optimizer.load_state_dict(s.optimizer)
+        self.sampler.load_state_dict(s.sampler)
+        self.history = s.history
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _prompts(self, idx: torch.Tensor, gen: torch.Generator) -> list[str]:
+        tpl = torch.randint(0, len(self.config.templates), (len(idx),), generator=gen).tolist()
+        out = []
+        for i, j in zip(idx.tolist(), tpl):
+            cap = self.captions[i]
+            if cap is None:
+                cap = self.config.templates[j].format(self.concepts[int(self.owner[i])].embedding.placeholder)
+            out.append(cap)
+        return out
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode each distinct prompt once with the current vectors; rows follow ``prompts``."""
+        unique = list(dict.fromkeys(prompts))
+        inverse = torch.tensor([unique.index(p) for p in prompts], device=self.device)
+        outs = []
+        for enc in self.text.encoders:
+            pb = build_prompt_batch(enc, unique, self.placeholders, device=self.device)
+            outs.append(enc.encode(pb.ids, pb.slots, self.params[enc.key]))
+        cond = self.text.combine(outs)
+        return cond if len(unique) == len(prompts) else cond.index(inverse)
+
+    def _autocast(self):
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.autocast_dtype or "")
+        if dt is None or self.device.type == "cpu":
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=dt)
+
+    def _micro_step(self, gen: torch.Generator, scale: float):
+        cfg = self.config
+        B = cfg.batch_size
+        idx = torch.randint(0, len(self.latents), (B,), generator=gen)
+        prompts = self._prompts(idx, gen)
+        t = self.sampler.sample(B, gen)
+        x0 = self.latents[idx.to(self.device)]
+        noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
+        with self._autocast():
+            cond = self.encode_prompts(prompts)
+            ctx = cond.context
+            ctx.retain_grad()
+            x_t = self.denoiser.add_noise(x0, noise, t.to(self.device))
+            eps = self.denoiser.predict_eps(x_t, t.to(self.device), cond)
+        err = (eps.float() - noise.float()) ** 2
+        if self.masks is not None:
+            w = self.masks[idx.to(self.device)]
+            per = (err * w).flatten(1).sum(1) / (w.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
+            n_eff = (w.flatten(1).sum(1) * err.shape[1]).detach()
+        else:
+            per = err.flatten(1).mean(1)
+            n_eff = torch.full((B,), float(err[0].numel()), device=err.device)
+        loss = per.mean()
+        if not torch.isfinite(loss):
+            return None, t, prompts
+        (loss * scale).backward(retain_graph=False)
+        # Eq. 4: g_i = || grad_c ||eps_hat_i - eps_i|| ||. The backward gave grad_c of
+        # scale * mean_i(per_i) with per_i = ||r_i||^2 / n_i, so grad_c per_i = ctx.grad_i * B / scale
+        # and grad_c ||r_i|| = grad_c per_i * n_i / (2 ||r_i||). No extra pass is needed.
+        gc = ctx.grad.detach().float().flatten(1).norm(dim=1) * (B / scale)
+        rnorm = (per.detach() * n_eff).sqrt().clamp_min(1e-12)
+        g = gc * n_eff / (2 * rnorm)
+        return (loss.detach(), g.cpu()), t, prompts
+
+    def _reg_loss(self) -> torch.Tensor | None:
+        if not self.regularizers:
+            return None
+        ctx = RegContext(self.tables, self.rows)
+        return sum(r(self.params, ctx) for r in self.regularizers if r.weight)
+
+    def _clip(self) -> None:
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None],
+                                           self.config.max_grad_norm)
+
+    def train_step(self) -> StepInfo:
+        """One optimiser step (``grad_accum`` micro-batches). Raises ``TrainingDiverged`` on NaN/inf."""
+        cfg = self.config
+        for p in self.params.values():
+            p.grad = None
+        losses, gs, ts = [], [], []
+        scale = 1.0 / cfg.grad_accum
+        for micro in range(cfg.grad_accum):
+            gen = _step_generator(cfg.seed, self.step, micro)
+            res, t, prompts = self._micro_step(gen, scale)
+            if res is None:
+                raise self._diverged(f"the loss became NaN/inf at step {self.step + 1} (timesteps {t.tolist()}, "
+                                     f"prompts {prompts[:2]})")
+            losses.append(float(res[0]))
+            gs.append(res[1])
+            ts.append(t)
+        reg = self._reg_loss()
+        reg_val = 0.0
+        if reg is not None:
+            if not torch.isfinite(reg):
+                raise self._diverged(f"a regulariser became NaN/inf at step {self.step + 1}")
+            reg.backward()
+            reg_val = float(reg.detach())
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params.values()):
+            raise self._diverged(f"the gradient became NaN/inf at step {self.step + 1}")
+        t_all, g_all = torch.cat(ts), torch.cat(gs)
+        self.sampler.observe(t_all, g_all)
+        self._clip()
+        lr = lr_at(cfg, self.step)
+        self.optimizer.step(self.params, lr)
+        if not all(torch.isfinite(p).all() for p in self.params.values()):
+            raise self._diverged(f"the vectors became NaN/inf after step {self.step + 1}")
+        self.step += 1
+        for k, v in self.params.items():
+            self._good[k].copy_(v.detach())
+        est = getattr(self.sampler, "estimate", None)
+        return StepInfo(
+            step=self.step, total=cfg.steps, loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr,
+            timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
+            vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
+            elapsed=0.0, sampler=self.sampler.describe(),
+            g_estimate=None if est is None else [float(x) for x in est],
+        )
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(self._good[k])
+        return TrainingDiverged(
+            f"{what}. Training stopped; the last good vectors (step {self.step}) are kept. "
+            f"Lower the learning rate (now {self.config.lr:g}), use fp32 instead of "
+            f"{self.config.autocast_dtype or 'the current precision'}, or check the concept images.",
+            self.embeddings())
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int = 8, seed: int = 12345) -> float:
+        """Mean diffusion loss over a fixed set of draws (images, prompts, t, noise) that depends
+        only on ``seed``: a low-variance measure for comparing vectors across a run."""
+        cfg = self.config
+        total = 0.0
+        for b in range(num_batches):
+            gen = _step_generator(seed, b, 0)
+            idx = torch.randint(0, len(self.latents), (cfg.batch_size,), generator=gen)
+            prompts = self._prompts(idx, gen)
+            t = torch.randint(0, self.denoiser.num_timesteps, (cfg.batch_size,), generator=gen)
+            x0 = self.latents[idx.to(self.device)]
+            noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
+            with self._autocast():
+                cond = self.encode_prompts(prompts)
+                eps = self.denoiser.predict_eps(self.denoiser.add_noise(x0, noise, t.to(self.device)),
+                                                t.to(self.device), cond)
+            total += float(((eps.float() - noise.float()) ** 2).mean())
+        return total / num_batches
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, callback: Callable[[StepInfo], Any] | None = None) -> TrainResult:
+        """Train until ``config.steps``. ``callback(info)`` returning False stops early (gracefully);
+        an exception from it propagates and ``embeddings()`` still gives the last good vectors."""
+        t0 = time.perf_counter()
+        stopped = False
+        while self.step < self.config.steps:
+            info = self.train_step()
+            info.elapsed = time.perf_counter() - t0
+            self.history.append(info)
+            if self.checkpoint_fn and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
+                    and self.step < self.config.steps:
+                self.checkpoint_fn(self)
+            if callback is not None and callback(info) is False:
+                stopped = self.step < self.config.steps
+                break
+        return TrainResult(self.embeddings(), self.history, self.step, stopped)

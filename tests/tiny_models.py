@@ -1,0 +1,113 @@
+"""Tiny random models with real architectures, for tests and benchmarks.
+
+- text: a transformers ``CLIPTextModel`` (and, for the SDXL-like case, a second
+  ``CLIPTextModelWithProjection``) with a word-level CLIP tokenizer;
+- denoiser: a small convolutional network with cross-attention to the context and an optional
+  pooled-vector embedding, epsilon-prediction on a DDPM schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from inversion.host import SimpleTextSide
+from inversion.hosts.hf import HFTextEncoder, PixelLatents, ScheduledDenoiser, make_clip_tokenizer
+from inversion.schedule import DDPMSchedule
+
+WORDS = (
+    "a photo of the an in on with my cool nice small large big clean dirty dark bright good weird "
+    "rendering cropped close-up rendition painting style picture one cat dog toy car red blue green "
+    "yellow star circle square object thing background"
+).split()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TinyDenoiser(nn.Module):
+    """conv -> (time, pooled) modulation -> cross-attention to the context -> conv."""
+
+    def __init__(self, channels: int = 3, width: int = 32, ctx_dim: int = 32, pooled_dim: int = 0):
+        super().__init__()
+        self.width = width
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.temb = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.pemb = nn.Linear(pooled_dim, width) if pooled_dim else None
+        self.norm = nn.GroupNorm(4, width)
+        self.attn = nn.MultiheadAttention(width, 4, kdim=ctx_dim, vdim=ctx_dim, batch_first=True)
+        self.mid = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x, t, context, pooled=None):
+        h = self.inp(x)
+        emb = self.temb(timestep_embedding(t, self.width))
+        if self.pemb is not None and pooled is not None:
+            emb = emb + self.pemb(pooled)
+        h = h + emb[:, :, None, None]
+        b, c, hh, ww = h.shape
+        q = self.norm(h).flatten(2).transpose(1, 2)
+        a, _ = self.attn(q, context, context, need_weights=False)
+        h = h + a.transpose(1, 2).reshape(b, c, hh, ww)
+        h = h + self.mid(torch.nn.functional.silu(h))
+        return self.out(torch.nn.functional.silu(h))
+
+
+@dataclass
+class TinyWorld:
+    text: SimpleTextSide
+    denoiser: ScheduledDenoiser
+    latents: PixelLatents
+    net: TinyDenoiser
+    tokenizer: object
+
+    @property
+    def encoder(self) -> HFTextEncoder:
+        return self.text.encoders[0]
+
+
+def _clip(tok, width: int, projection: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         projection_dim=width, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval().requires_grad_(False)
+
+
+def make_tiny(tok_dir: str, dual: bool = False, width: int = 32) -> TinyWorld:
+    tok = make_clip_tokenizer(WORDS, tok_dir)
+    enc_l = HFTextEncoder(_clip(tok, width, seed=1), tok, "clip_l")
+    if dual:
+        enc_g = HFTextEncoder(_clip(tok, 48, projection=True, seed=2), tok, "clip_g",
+                              layer="penultimate", final_norm=False)
+        text = SimpleTextSide([enc_l, enc_g], pooled_from="clip_g")
+        ctx_dim, pooled_dim = width + 48, 48
+    else:
+        text = SimpleTextSide([enc_l])
+        ctx_dim, pooled_dim = width, 0
+    torch.manual_seed(3)
+    net = TinyDenoiser(ctx_dim=ctx_dim, pooled_dim=pooled_dim).eval().requires_grad_(False)
+    den = ScheduledDenoiser(net, DDPMSchedule.make(1000))
+    return TinyWorld(text, den, PixelLatents(), net, tok)
+
+
+def concept_images(n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """A few images of one made-up concept: a bright square on a dark background, jittered."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.zeros(n, 3, size, size)
+    imgs[:, 2] = 0.2
+    for i in range(n):
+        x, y = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        imgs[i, 0, y:y + size // 2, x:x + size // 2] = 0.9
+        imgs[i, 1, y:y + size // 2, x:x + size // 2] = 0.6
+    return imgs
