@@ -36,6 +36,8 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "lr_at",
+    "conditioning_grad_norms",
+    "per_sample_mse",
 ]
 
 
@@ -219,6 +221,29 @@ class TrainingDiverged(ValueError):
         self.embeddings = embeddings
 
 
+def per_sample_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's mean of ||eps_hat - eps||^2 (over the mask, if any) and how many elements it averaged."""
+    err = (eps.float() - noise.float()) ** 2
+    if mask is None:
+        return err.flatten(1).mean(1), torch.full((err.shape[0],), float(err[0].numel()), device=err.device)
+    n_eff = (mask.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
+    return (err * mask).flatten(1).sum(1) / n_eff, n_eff.detach()
+
+
+def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Per-sample g_i = || grad_c ||eps_hat_i - eps_i|| || (seeds/000 Eq. 4) from one backward pass.
+
+    The backward pass differentiated ``mean_i(per_i) / scale`` where per_i = ||r_i||^2 / n_i is the
+    sample's mean squared error, so grad_c per_i = ctx_grad_i * scale (the denoiser treats samples
+    independently), and by the chain rule grad_c ||r_i|| = grad_c per_i * n_i / (2 ||r_i||).
+    """
+    gc = ctx_grad.detach().float().flatten(1).norm(dim=1) * scale
+    rnorm = (per.float() * n_eff).sqrt().clamp_min(1e-12)
+    return gc * n_eff / (2 * rnorm)
+
+
 def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     # A fresh generator per (seed, step, micro-batch): draws never depend on the run's history,
     # so a resumed run makes exactly the draws the uninterrupted run would have made.
@@ -388,24 +413,12 @@ class Trainer:
             ctx.retain_grad()
             x_t = self.denoiser.add_noise(x0, noise, t.to(self.device))
             eps = self.denoiser.predict_eps(x_t, t.to(self.device), cond)
-        err = (eps.float() - noise.float()) ** 2
-        if self.masks is not None:
-            w = self.masks[idx.to(self.device)]
-            per = (err * w).flatten(1).sum(1) / (w.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
-            n_eff = (w.flatten(1).sum(1) * err.shape[1]).detach()
-        else:
-            per = err.flatten(1).mean(1)
-            n_eff = torch.full((B,), float(err[0].numel()), device=err.device)
+        per, n_eff = per_sample_mse(eps, noise, None if self.masks is None else self.masks[idx.to(self.device)])
         loss = per.mean()
         if not torch.isfinite(loss):
             return None, t, prompts
         (loss * scale).backward(retain_graph=False)
-        # Eq. 4: g_i = || grad_c ||eps_hat_i - eps_i|| ||. The backward gave grad_c of
-        # scale * mean_i(per_i) with per_i = ||r_i||^2 / n_i, so grad_c per_i = ctx.grad_i * B / scale
-        # and grad_c ||r_i|| = grad_c per_i * n_i / (2 ||r_i||). No extra pass is needed.
-        gc = ctx.grad.detach().float().flatten(1).norm(dim=1) * (B / scale)
-        rnorm = (per.detach() * n_eff).sqrt().clamp_min(1e-12)
-        g = gc * n_eff / (2 * rnorm)
+        g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / scale)
         return (loss.detach(), g.cpu()), t, prompts
 
     def _reg_loss(self) -> torch.Tensor | None:

@@ -49,7 +49,7 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x, t, context, pooled=None):
         h = self.inp(x)
-        emb = self.temb(timestep_embedding(t, self.width))
+        emb = self.temb(timestep_embedding(t, self.width).to(x.dtype))
         if self.pemb is not None and pooled is not None:
             emb = emb + self.pemb(pooled)
         h = h + emb[:, :, None, None]

@@ -1,0 +1,163 @@
+"""The gradient-norm profiler of *Conditional Gradient-based Textual Inversion* (seeds/000).
+
+    g(t) = E_x [ || grad_c || eps_theta(x_t, t, c) - eps || || ]                        (Eq. 4)
+
+c is the conditioning the denoiser receives (the text encoder's hidden states). g(t) says how
+much the prompt can change the denoiser's prediction at timestep t: timesteps with a large g are
+the informative ones for inversion (high-grad interval training, adaptive sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .host import Conditioning, Denoiser, TextSide
+from .prompts import OBJECT_TEMPLATES
+from .trainer import (ConceptData, TrainConfig, Trainer, _step_generator, conditioning_grad_norms,
+                      per_sample_mse)
+
+__all__ = ["GradProfile", "profile_gradients", "grad_norms_at"]
+
+
+@dataclass
+class GradProfile:
+    """g(t) over timestep bins: per-bin mean, spread and count, plus the raw samples."""
+
+    edges: torch.Tensor  # [bins + 1] integer timesteps; bin i is [edges[i], edges[i+1])
+    mean: torch.Tensor  # [bins] float64
+    std: torch.Tensor  # [bins]
+    count: torch.Tensor  # [bins] long
+    num_timesteps: int
+    t: torch.Tensor | None = None  # [n] the raw timesteps measured
+    g: torch.Tensor | None = None  # [n] their g values
+
+    @property
+    def bins(self) -> int:
+        return int(self.mean.shape[0])
+
+    def centers(self) -> torch.Tensor:
+        return (self.edges[:-1] + self.edges[1:]).double() / 2
+
+    def value_at(self, t: torch.Tensor) -> torch.Tensor:
+        """g at timesteps ``t``, linearly interpolated between bin centres (constant at the ends)."""
+        c = self.centers()
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(float(c[0]), float(c[-1]))
+        if self.bins == 1:
+            return self.mean.expand_as(t).clone()
+        i = torch.searchsorted(c, t, right=True).clamp(1, self.bins - 1)
+        lo, hi = c[i - 1], c[i]
+        w = ((t - lo) / (hi - lo)).clamp(0, 1)
+        return self.mean[i - 1] * (1 - w) + self.mean[i] * w
+
+    def best_window(self, width: int = 100) -> tuple[int, int]:
+        """The interval [a, a + width - 1] of integer timesteps with the largest total g(t)
+        (strategy (1) "high-grad" of seeds/000 Sec. 3)."""
+        width = int(width)
+        if not 1 <= width <= self.num_timesteps:
+            raise ValueError(f"window width must be in [1, {self.num_timesteps}], got {width}")
+        g = self.value_at(torch.arange(self.num_timesteps, dtype=torch.float64))
+        csum = torch.cat([torch.zeros(1, dtype=torch.float64), g.cumsum(0)])
+        totals = csum[width:] - csum[:-width]
+        a = int(totals.argmax())
+        return a, a + width - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"edges": self.edges.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist(),
+             "count": self.count.tolist(), "num_timesteps": self.num_timesteps}
+        if self.t is not None:
+            d["t"], d["g"] = self.t.tolist(), self.g.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GradProfile":
+        return cls(torch.tensor(d["edges"], dtype=torch.long), torch.tensor(d["mean"], dtype=torch.float64),
+                   torch.tensor(d["std"], dtype=torch.float64), torch.tensor(d["count"], dtype=torch.long),
+                   int(d["num_timesteps"]),
+                   torch.tensor(d["t"], dtype=torch.long) if "t" in d else None,
+                   torch.tensor(d["g"], dtype=torch.float64) if "g" in d else None)
+
+    @classmethod
+    def from_samples(cls, t: torch.Tensor, g: torch.Tensor, edges: torch.Tensor, num_timesteps: int) -> "GradProfile":
+        t, g = t.long().flatten(), g.double().flatten()
+        b = torch.bucketize(t, edges[1:], right=True).clamp(max=len(edges) - 2)
+        n = len(edges) - 1
+        count = torch.bincount(b, minlength=n)
+        s1 = torch.zeros(n, dtype=torch.float64).index_add_(0, b, g)
+        s2 = torch.zeros(n, dtype=torch.float64).index_add_(0, b, g * g)
+        mean = s1 / count.clamp(min=1)
+        var = (s2 / count.clamp(min=1) - mean**2).clamp(min=0) * count / (count - 1).clamp(min=1)
+        return cls(edges.long(), mean, var.sqrt(), count, num_timesteps, t, g)
+
+
+def grad_norms_at(denoiser: Denoiser, cond: Conditioning, x0: torch.Tensor, noise: torch.Tensor,
+                  t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 4's g for each sample: || grad_c || eps_theta(x_t, t, c) - eps || || with c = ``cond.context``.
+
+    One forward and one backward pass of the denoiser for the whole batch (samples are independent,
+    so the gradient of the summed loss w.r.t. c_i is sample i's own)."""
+    ctx = cond.context.detach().requires_grad_(True)
+    with torch.enable_grad():
+        eps = denoiser.predict_eps(denoiser.add_noise(x0, noise, t), t, Conditioning(ctx, cond.pooled))
+        per, n_eff = per_sample_mse(eps, noise, mask)
+        grad, = torch.autograd.grad(per.sum(), ctx)
+    return conditioning_grad_norms(grad, per.detach(), n_eff, 1.0)
+
+
+def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[ConceptData], *,
+                      bins: int = 20, samples_per_bin: int = 4, batch_size: int = 4,
+                      t_range: tuple[int, int] | None = None, templates: Sequence[str] = OBJECT_TEMPLATES,
+                      seed: int = 0, device: torch.device | str | None = None,
+                      callback: Callable[[int, int], Any] | None = None) -> GradProfile:
+    """Measure g(t) (Eq. 4) on the concept images with the concepts' current vectors.
+
+    [t_range) (default [0, T)) is cut into ``bins`` bins; each gets ``samples_per_bin`` draws
+    (image, flip, template, noise, t uniform in the bin). Draws are processed ``batch_size`` at a
+    time with one forward and one backward pass of the denoiser, as in a training step, but the
+    text encoder runs only once per distinct prompt for the whole profile and never backwards
+    (the gradient is taken w.r.t. its output c), so a profile of ``bins * samples_per_bin /
+    batch_size`` batches costs at most as much as that many training steps.
+    ``callback(done, total)`` reports progress (batches) and may raise to cancel.
+    """
+    T = denoiser.num_timesteps
+    lo, hi = t_range if t_range is not None else (0, T)
+    if not 0 <= lo < hi <= T:
+        raise ValueError(f"t_range must satisfy 0 <= start < end <= {T}, got {(lo, hi)}")
+    if bins < 1 or bins > hi - lo or samples_per_bin < 1 or batch_size < 1:
+        raise ValueError(f"need 1 <= bins <= {hi - lo}, samples_per_bin >= 1, batch_size >= 1; "
+                         f"got bins={bins}, samples_per_bin={samples_per_bin}, batch_size={batch_size}")
+    tr = Trainer(text, denoiser, concepts, TrainConfig(steps=1, batch_size=batch_size, templates=tuple(templates),
+                                                       seed=seed), device=device)
+    edges = torch.linspace(lo, hi, bins + 1).round().long()
+    gen = _step_generator(seed, 0, 7)
+    b = torch.arange(bins).repeat_interleave(samples_per_bin)
+    u = torch.rand(len(b), generator=gen, dtype=torch.float64)
+    t_all = (edges[b] + (u * (edges[b + 1] - edges[b]).double()).floor().long()).clamp(max=hi - 1)
+    t_all = t_all[torch.randperm(len(t_all), generator=gen)]  # mix bins within a batch
+    idx_all = torch.randint(0, len(tr.latents), (len(t_all),), generator=gen)
+    prompts_all = tr._prompts(idx_all, gen)
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    with torch.no_grad():
+        unique = [p for p in dict.fromkeys(prompts_all)]
+        for i in range(0, len(unique), 16):
+            chunk = unique[i:i + 16]
+            cond = tr.encode_prompts(chunk)
+            for j, p in enumerate(chunk):
+                cache[p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
+    gs = []
+    n_batches = (len(t_all) + batch_size - 1) // batch_size
+    for k in range(n_batches):
+        sl = slice(k * batch_size, (k + 1) * batch_size)
+        t, idx, prompts = t_all[sl], idx_all[sl], prompts_all[sl]
+        ctx = torch.stack([cache[p][0] for p in prompts])
+        pooled = None if cache[prompts[0]][1] is None else torch.stack([cache[p][1] for p in prompts])
+        x0 = tr.latents[idx.to(tr.device)]
+        noise = torch.randn(x0.shape, generator=gen).to(tr.device, x0.dtype)
+        mask = None if tr.masks is None else tr.masks[idx.to(tr.device)]
+        with tr._autocast():
+            gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), x0, noise, t.to(tr.device), mask).cpu())
+        if callback is not None:
+            callback(k + 1, n_batches)
+    return GradProfile.from_samples(t_all, torch.cat(gs).double(), edges, T)

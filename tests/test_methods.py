@@ -1,0 +1,271 @@
+"""The papers' methods: timestep strategies, the g(t) profiler, DTI, regularisers, SLERP, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inversion.embedding import LearnedEmbedding
+from inversion.host import Conditioning
+from inversion.init import make_embedding, vocab_mean_norm
+from inversion.interpolate import slerp, slerp_embeddings
+from inversion.optim import ProjectedAdamW, RiemannianSGD, tangent_project
+from inversion.presets import PRESETS, MethodParams, build_method
+from inversion.profiler import GradProfile, grad_norms_at, profile_gradients
+from inversion.regularizers import L2Norm, NearestNeighborContrastive, RegContext
+from inversion.timesteps import Adaptive, Interval, Single, Uniform, high_grad
+from inversion.trainer import TrainConfig, Trainer, prepare_concept
+from tiny_models import concept_images
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- timestep strategies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("a, b", [(900, 1000), (0, 100), (350, 450)])
+def test_interval_never_leaves_its_bounds(a, b):
+    t = Interval(a, b, 1000).sample(20000, gen())
+    assert int(t.min()) == a and int(t.max()) == min(b, 999)
+    assert len(t.unique()) == min(b, 999) - a + 1
+
+
+def test_single_and_uniform():
+    assert Single(400).sample(100, gen()).unique().tolist() == [400]
+    t = Uniform(1000).sample(50000, gen())
+    assert t.min() == 0 and t.max() == 999
+    assert abs(float((t < 500).float().mean()) - 0.5) < 0.02
+
+
+def test_bad_intervals_are_clear_errors():
+    with pytest.raises(ValueError, match="empty"):
+        Interval(500, 400)
+    with pytest.raises(ValueError, match="outside"):
+        Single(1000)
+
+
+def test_adaptive_puts_mass_where_g_is_large():
+    s = Adaptive(1000, bins=10, explore=0.1)
+    g_true = torch.tensor([0.1, 0.1, 0.2, 1.0, 0.8, 0.3, 0.1, 0.1, 0.1, 0.1])
+    # Before every bin is measured the draws are uniform.
+    assert torch.allclose(s.probabilities(), torch.full((10,), 0.1, dtype=torch.float64))
+    g = gen(1)
+    for _ in range(300):  # feed back the known g(t) of whatever was sampled, as training does
+        t = s.sample(4, g)
+        s.observe(t, g_true[s.bin_of(t)] * (1 + 0.05 * torch.randn(4, generator=g)))
+    p = s.probabilities()
+    expected = 0.9 * g_true / g_true.sum() + 0.01
+    assert torch.allclose(p, expected.double(), atol=0.02)
+    hist = torch.bincount(s.bin_of(s.sample(20000, gen(2))), minlength=10).double() / 20000
+    assert int(hist.argmax()) == 3 and hist[3] > 2 * hist[5] > 0
+    assert hist.min() >= 0.01 * 0.5  # exploration keeps every bin sampled
+
+
+def test_adaptive_state_roundtrip_and_profile_seed():
+    prof = GradProfile.from_samples(torch.tensor([50, 550, 950]), torch.tensor([1.0, 5.0, 1.0]),
+                                    torch.tensor([0, 100, 500, 600, 1000]), 1000)
+    s = Adaptive(1000, bins=10, profile=prof)
+    p = s.probabilities()
+    assert int(p.argmax()) == 5  # seeded from the profile: mass at [500, 600) at once
+    s2 = Adaptive(1000, bins=10)
+    s2.load_state_dict(s.state_dict())
+    assert torch.equal(s2.probabilities(), p)
+
+
+# ---- the profiler -----------------------------------------------------------------------------
+
+def test_grad_norm_matches_direct_autograd_and_finite_differences(tiny):
+    torch.manual_seed(0)
+    enc = tiny.encoder
+    from inversion.prompts import build_prompt_batch
+    pb = build_prompt_batch(enc, ["a photo of a cat", "a red dog", "a toy"], {})
+    ctx = enc.encode(pb.ids, pb.slots, torch.zeros(1, 32)).hidden.detach()
+    x0 = concept_images(3) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100, 400, 800])
+    g = grad_norms_at(tiny.denoiser, Conditioning(ctx), x0, noise, t)
+    for i in range(3):  # the paper's quantity for one sample: || grad_c || eps_hat - eps || ||
+        c = ctx[i:i + 1].clone().requires_grad_(True)
+        eps = tiny.denoiser.predict_eps(tiny.denoiser.add_noise(x0[i:i + 1], noise[i:i + 1], t[i:i + 1]), t[i:i + 1],
+                                        Conditioning(c))
+        direct, = torch.autograd.grad((eps - noise[i:i + 1]).norm(), c)
+        assert float(g[i]) == pytest.approx(float(direct.norm()), rel=1e-4)
+    # and a central finite difference (float64) along the gradient direction agrees
+    tiny.net.double()
+    x0, noise, ctx = x0.double(), noise.double(), ctx.double()
+    for i in range(3):
+        c = ctx[i:i + 1].clone().requires_grad_(True)
+
+        def f(cc, i=i):
+            eps = tiny.denoiser.predict_eps(tiny.denoiser.add_noise(x0[i:i + 1], noise[i:i + 1], t[i:i + 1]),
+                                            t[i:i + 1], Conditioning(cc))
+            return (eps - noise[i:i + 1]).norm()
+        direct, = torch.autograd.grad(f(c), c)
+        d, h = direct / direct.norm(), 1e-5
+        with torch.no_grad():
+            fd = float((f(ctx[i:i + 1] + h * d) - f(ctx[i:i + 1] - h * d)) / (2 * h))
+        assert fd == pytest.approx(float(g[i]), rel=1e-3)
+
+
+def test_profile_curve_spread_and_window(tiny):
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    c = prepare_concept(tiny.latents, concept_images(2), emb)
+    calls = []
+    prof = profile_gradients(tiny.text, tiny.denoiser, [c], bins=5, samples_per_bin=3, batch_size=4,
+                             callback=lambda d, n: calls.append((d, n)))
+    assert prof.bins == 5 and prof.count.tolist() == [3] * 5
+    assert (prof.mean > 0).all() and (prof.std >= 0).all()
+    assert calls[-1] == (4, 4)  # 15 draws in batches of 4
+    assert all(prof.edges[i] <= t < prof.edges[i + 1] for i, t in
+               zip(torch.bucketize(prof.t, prof.edges[1:], right=True).tolist(), prof.t.tolist()))
+    a, b = prof.best_window(200)
+    assert b - a == 199 and 0 <= a and b < 1000
+    assert GradProfile.from_dict(prof.to_dict()).best_window(200) == (a, b)
+    hg = high_grad(prof, 200)
+    assert (hg.a, hg.b) == (a, b)
+
+
+def test_best_window_finds_the_peak():
+    prof = GradProfile.from_samples(torch.arange(5, 1000, 10), torch.exp(-((torch.arange(5, 1000, 10) - 420.0) / 60) ** 2),
+                                    torch.linspace(0, 1000, 21).long(), 1000)
+    a, b = prof.best_window(100)
+    assert 350 <= a <= 400 and b == a + 99
+
+
+# ---- Directional TI ---------------------------------------------------------------------------
+
+def test_dti_keeps_the_norm_and_steps_in_the_tangent_plane(tiny):
+    emb = make_embedding(tiny.text, "toy", init_text="red toy")
+    c = prepare_concept(tiny.latents, concept_images(2), emb)
+    m = build_method("directional", tiny.text, 1000, MethodParams(class_word="toy"), init_vectors=emb.vectors)
+    m_star = vocab_mean_norm(tiny.encoder)
+    norms = []
+    tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=12, batch_size=2, lr=0.05),
+                 timesteps=m.sampler, optimizer=m.optimizer)
+    assert torch.allclose(tr.params["clip_l"].norm(dim=-1), torch.full((2,), m_star), atol=1e-5)
+    prev = tr.params["clip_l"].detach().clone()
+    turns = []
+    for _ in range(12):
+        info = tr.train_step()
+        norms += info.vector_norms["clip_l"]
+        cur = tr.params["clip_l"].detach().clone()
+        turns.append(torch.nn.functional.cosine_similarity(prev, cur, dim=-1))
+        prev = cur
+    assert max(abs(n - m_star) for n in norms) < 1e-5
+    # every step turns each vector by about lr radians (normalised Riemannian step)
+    angles = torch.arccos(torch.stack(turns).clamp(-1, 1))
+    assert torch.allclose(angles, torch.full_like(angles, 0.05), atol=2e-3)
+
+
+def test_tangent_projection_is_orthogonal_and_first_order_step_stays_on_sphere():
+    v = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    g = torch.randn(3, 16)
+    gt = tangent_project(g, v)
+    assert torch.allclose((gt * v).sum(-1), torch.zeros(3), atol=1e-6)
+    step = 1e-3 * gt / gt.norm(dim=-1, keepdim=True)
+    assert torch.allclose((v - step).norm(dim=-1), torch.ones(3), atol=1e-6)  # off-sphere only at O(lr^2)
+
+
+def test_vmf_prior_pulls_toward_mu_when_data_gradient_is_zero():
+    mu = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1) * 2.0
+    opt = RiemannianSGD({"clip_l": 2.0}, {"clip_l": mu}, kappa=1e-4)
+    params = {"clip_l": p}
+    opt.prepare(params)
+    cos = [torch.nn.functional.cosine_similarity(p, mu, dim=-1)]
+    for _ in range(20):
+        p.grad = torch.zeros_like(p)
+        opt.step(params, 0.05)
+        cos.append(torch.nn.functional.cosine_similarity(p, mu, dim=-1))
+    cos = torch.stack(cos)
+    assert (cos[1:] > cos[:-1]).all()
+    assert torch.allclose(p.norm(dim=-1), torch.full((2,), 2.0), atol=1e-5)
+
+
+def test_projected_adamw_keeps_the_norm():
+    p = torch.randn(2, 8)
+    opt = ProjectedAdamW({"k": 3.0}, kappa=0.0)
+    params = {"k": p}
+    opt.prepare(params)
+    for _ in range(5):
+        p.grad = torch.randn_like(p)
+        opt.step(params, 0.1)
+    assert torch.allclose(p.norm(dim=-1), torch.full((2,), 3.0), atol=1e-5)
+
+
+# ---- regularisers -----------------------------------------------------------------------------
+
+def test_contrastive_is_lower_near_real_tokens(tiny):
+    table = tiny.encoder.token_table().detach()
+    reg = NearestNeighborContrastive(weight=1.0)
+    ctx = RegContext({"clip_l": table})
+    near = {"clip_l": table[[10, 20]] + 0.01 * torch.randn(2, 32)}
+    far = {"clip_l": torch.randn(2, 32) * table.norm(dim=-1).mean()}
+    assert float(reg(near, ctx)) < float(reg(far, ctx))
+
+
+def test_contrastive_uses_other_concepts_as_negatives(tiny):
+    table = tiny.encoder.token_table().detach()
+    reg = NearestNeighborContrastive(weight=1.0, vocab_negatives=False, tau=1.0)
+    v = table[[5, 6]].clone()
+    alone = reg({"clip_l": v}, RegContext({"clip_l": table}, [range(0, 2)]))
+    assert float(alone) == pytest.approx(0.0, abs=1e-6)  # Eq. 2 without negatives is constant
+    together = reg({"clip_l": v}, RegContext({"clip_l": table}, [range(0, 1), range(1, 2)]))
+    assert float(together) > 0.0
+
+
+def test_regularisers_train_and_l2_shrinks_the_norm(tiny):
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    c = prepare_concept(tiny.latents, concept_images(2), emb)
+    norms = {}
+    for w in (0.0, 50.0):
+        tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=10, batch_size=2, lr=5e-2),
+                     regularizers=[L2Norm(w), NearestNeighborContrastive(1e-3)])
+        res = tr.run()
+        norms[w] = res.history.vector_norm[-1]
+    assert norms[50.0] < norms[0.0]
+
+
+# ---- SLERP ------------------------------------------------------------------------------------
+
+def test_slerp_endpoints_norm_and_errors():
+    a = LearnedEmbedding("a", {"clip_l": torch.nn.functional.normalize(torch.randn(2, 8), dim=-1) * 3})
+    b = LearnedEmbedding("b", {"clip_l": torch.nn.functional.normalize(torch.randn(2, 8), dim=-1) * 3})
+    assert torch.allclose(slerp_embeddings(a, b, 0.0).vectors["clip_l"], a.vectors["clip_l"], atol=1e-5)
+    assert torch.allclose(slerp_embeddings(a, b, 1.0).vectors["clip_l"], b.vectors["clip_l"], atol=1e-5)
+    mid = slerp_embeddings(a, b, 0.5, name="mid")
+    assert mid.name == "mid" and torch.allclose(mid.vectors["clip_l"].norm(dim=-1), torch.full((2,), 3.0))
+    ca = torch.nn.functional.cosine_similarity(mid.vectors["clip_l"], a.vectors["clip_l"], dim=-1)
+    cb = torch.nn.functional.cosine_similarity(mid.vectors["clip_l"], b.vectors["clip_l"], dim=-1)
+    assert torch.allclose(ca, cb, atol=1e-5)  # halfway along the great circle
+    with pytest.raises(ValueError, match="same number of vectors"):
+        slerp_embeddings(a, LearnedEmbedding("c", {"clip_l": torch.randn(3, 8)}), 0.5)
+    assert torch.allclose(slerp(torch.ones(1, 4), torch.ones(1, 4), 0.3), torch.ones(1, 4))
+
+
+# ---- presets ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_trains_and_the_loss_falls(tiny, name):
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    c = prepare_concept(tiny.latents, concept_images(4), emb)
+    profile = None
+    if "high_grad" in name:
+        profile = profile_gradients(tiny.text, tiny.denoiser, [c], bins=10, samples_per_bin=2, batch_size=4)
+    m = build_method(name, tiny.text, 1000, MethodParams(class_word="toy", window=200), profile=profile,
+                     init_vectors=emb.vectors)
+    lr = 5e-2 if m.lr < 1e-2 else 0.1
+    tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=25, batch_size=4, lr=lr),
+                 timesteps=m.sampler, optimizer=m.optimizer)
+    before = tr.evaluate()
+    res = tr.run()
+    assert res.steps_done == 25
+    assert tr.evaluate() < before
+
+
+def test_high_grad_without_profile_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="GradNormProfiler"):
+        build_method("high_grad", tiny.text, 1000)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("fastest", tiny.text, 1000)
