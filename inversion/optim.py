@@ -99,6 +99,8 @@ class AdamW:
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not state:  # resuming from an embedding alone: fresh moments
+            return
         self.t = int(state["t"])
         self.m = {k[2:]: v.clone() for k, v in state.items() if k.startswith("m.")}
         self.v = {k[2:]: v.clone() for k, v in state.items() if k.startswith("v.")}
@@ -187,6 +189,8 @@ class RiemannianSGD(_Directional):
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not state:
+            return
         self.t = int(state["t"])
         self.h = {k[2:]: v.clone() for k, v in state.items() if k.startswith("h.")}
 

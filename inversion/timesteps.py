@@ -185,6 +185,8 @@ class Adaptive:
                 "seeded": torch.tensor(int(self.seeded))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
         self.estimate = state["estimate"].double().clone()
         self.count = state["count"].long().clone()
         self.seeded = bool(int(state.get("seeded", torch.tensor(0))))

@@ -367,6 +367,8 @@ class Trainer:
             raise ValueError(f"the checkpoint is already at step {s.step} of {self.config.steps}; "
                              "raise steps to continue training")
         self.step = s.step
+        if not s.optimizer:  # resumed from an embedding alone: the optimiser starts fresh
+            self.optimizer.prepare(self.params)
         self.optimizer.load_state_dict(s.optimizer)
         self.sampler.load_state_dict(s.sampler)
         self.history = s.history

@@ -11,7 +11,7 @@ import torch
 
 from inversion.embedding import LearnedEmbedding
 from inversion.init import from_text, make_embedding, random_init, vocab_mean_norm
-from inversion.trainer import (ConceptData, TrainConfig, Trainer, TrainingDiverged, lr_at,
+from inversion.trainer import (TrainConfig, Trainer, TrainingDiverged, lr_at,
                                prepare_concept)
 from tiny_models import concept_images
 
@@ -236,3 +236,34 @@ def test_library_never_imports_comfyui():
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in banned]
     assert not offenders, offenders
     assert len(list((ROOT / "inversion").rglob("*.py"))) >= 8  # the scan really saw the library
+
+
+def test_checkpoint_files_resume_exactly_and_embedding_alone_resumes(tiny, tmp_path):
+    from inversion.checkpoint import load_state, save_checkpoint, state_from_embedding, state_path_for
+    from inversion.formats import load_embedding
+    from inversion.timesteps import Adaptive
+
+    def make(**kw):
+        emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+        c = prepare_concept(tiny.latents, concept_images(4), emb)
+        return Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=8, batch_size=4, seed=2),
+                       timesteps=Adaptive(1000, bins=4), **kw)
+
+    full = make()
+    full.run()
+    saved = []
+    part = make(checkpoint=lambda tr: saved.append(save_checkpoint(tr, [tmp_path / f"toy-{tr.step}"])))
+    part.config = TrainConfig(steps=8, batch_size=4, seed=2, checkpoint_every=3)
+    part.run(lambda info: info.step < 5)
+    assert [p[0].name for p in saved] == ["toy-3.safetensors"]
+    assert state_path_for(saved[0][0]).exists()
+    emb = load_embedding(saved[0][0])  # a normal embedding file other UIs read
+    assert emb.metadata["steps"] == "3" and emb.vectors["clip_l"].shape == (2, 32)
+    resumed = make(resume=load_state(saved[0][0]))
+    assert resumed.step == 3 and resumed.history.step == [1, 2, 3]
+    resumed.run()
+    assert torch.allclose(resumed.params["clip_l"], full.params["clip_l"], atol=1e-6)
+    assert torch.equal(resumed.sampler.count, full.sampler.count)
+    warm = make(resume=state_from_embedding(saved[0][0]))
+    assert warm.step == 3 and torch.equal(warm.params["clip_l"].detach(), emb.vectors["clip_l"])
+    assert warm.run().steps_done == 8
