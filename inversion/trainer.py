@@ -303,6 +303,7 @@ class Trainer:
             self.masks = torch.cat([c.masks if c.masks is not None else torch.ones_like(c.latents[:, :1])
                                     for c in self.concepts]).to(self.device)
         self.history = TrainHistory()
+        self._tok_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.step = 0
         if resume is not None:
             self._load_state(resume)
@@ -390,10 +391,20 @@ class Trainer:
         inverse = torch.tensor([unique.index(p) for p in prompts], device=self.device)
         outs = []
         for enc in self.text.encoders:
-            pb = build_prompt_batch(enc, unique, self.placeholders, device=self.device)
-            outs.append(enc.encode(pb.ids, pb.slots, self.params[enc.key]))
+            ids, slots = self._tokens(enc, unique)
+            outs.append(enc.encode(ids, slots, self.params[enc.key]))
         cond = self.text.combine(outs)
         return cond if len(unique) == len(prompts) else cond.index(inverse)
+
+    def _tokens(self, enc, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and slots of ``prompts``, tokenised once per distinct prompt for the whole run."""
+        missing = [p for p in prompts if (enc.key, p) not in self._tok_cache]
+        if missing:
+            pb = build_prompt_batch(enc, missing, self.placeholders, device=self.device)
+            for i, p in enumerate(missing):
+                self._tok_cache[(enc.key, p)] = (pb.ids[i], pb.slots[i])
+        rows = [self._tok_cache[(enc.key, p)] for p in prompts]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     def _autocast(self):
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.autocast_dtype or "")
