@@ -158,6 +158,8 @@ class StepInfo:
     elapsed: float  # seconds since the run started
     sampler: str = ""
     g_estimate: list[float] | None = None  # adaptive sampler's per-bin g(t), if any
+    bin_edges: list[int] | None = None  # and its bin edges (timesteps)
+    target_norms: dict[str, float] | None = None  # DTI's fixed norm m* per encoder, if any
 
 
 @dataclass
@@ -481,12 +483,17 @@ class Trainer:
         for k, v in self.params.items():
             self._good[k].copy_(v.detach())
         est = getattr(self.sampler, "estimate", None)
+        edges = getattr(self.sampler, "edges", None)
+        norms = getattr(self.optimizer, "norms", None) or getattr(getattr(self.optimizer, "directional", None),
+                                                                  "norms", None)
         return StepInfo(
             step=self.step, total=cfg.steps, loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr,
             timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
             vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
             elapsed=0.0, sampler=self.sampler.describe(),
             g_estimate=None if est is None else [float(x) for x in est],
+            bin_edges=None if edges is None else [int(x) for x in edges],
+            target_norms=None if norms is None else dict(norms),
         )
 
     def _diverged(self, what: str) -> TrainingDiverged:

@@ -153,6 +153,7 @@ def test_dti_keeps_the_norm_and_steps_in_the_tangent_plane(tiny):
         turns.append(torch.nn.functional.cosine_similarity(prev, cur, dim=-1))
         prev = cur
     assert max(abs(n - m_star) for n in norms) < 1e-5
+    assert info.target_norms == {"clip_l": pytest.approx(m_star)} and info.bin_edges is None
     # every step turns each vector by about lr radians (normalised Riemannian step)
     angles = torch.arccos(torch.stack(turns).clamp(-1, 1))
     assert torch.allclose(angles, torch.full_like(angles, 0.05), atol=2e-3)
