@@ -1,0 +1,478 @@
+"""Training charts drawn with PIL alone, returned as ComfyUI-style IMAGE rows.
+
+Every renderer returns a float32 tensor [H, W, 3] with values in [0, 1] (one row of a ComfyUI
+IMAGE batch; the node layer adds the batch dimension). No plotting library is needed for a few
+line series, and the same dicts the web extension draws live (``inversion.progress`` events and
+the node's final ``inversion_chart`` UI output) are accepted here, so the saved chart and the live
+one show the same numbers.
+
+- ``loss_chart(history)``: raw and EMA-smoothed loss against step; the timesteps sampled, as a
+  histogram over [0, T); for the adaptive sampler the current per-bin estimate of
+  g(t) = E||grad_c ||eps_hat - eps|| || (seeds/000 Eq. 4/5); the mean norm of the learned vectors,
+  with DTI's fixed magnitude m* (seeds/002) as a reference line when given.
+- ``profile_chart(profile)``: a gradient-norm profile g(t) (seeds/000 Eq. 4), its per-bin mean with
+  a +-std band, and the high-grad window (the best window of seeds/000 Sec. 3) highlighted.
+- ``similarity_chart(values)``: OVI's cosine-similarity curve over optimisation steps (seeds/004).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["loss_chart", "profile_chart", "similarity_chart", "ema", "nice_ticks", "to_image"]
+
+# A light theme: these images end up in previews, saved PNGs and READMEs.
+BACKGROUND = (255, 255, 255)
+PANEL = (250, 250, 252)
+FRAME = (90, 90, 100)
+GRID = (226, 228, 234)
+TEXT = (30, 30, 36)
+MUTED = (110, 112, 122)
+RAW = (160, 190, 235)  # raw loss: light, so the smoothed curve reads on top of it
+SMOOTH = (25, 90, 200)
+HIST = (120, 160, 110)
+GEST = (215, 120, 30)
+NORM = (140, 70, 170)
+TARGET = (200, 40, 40)
+BAND = (250, 215, 170)
+WINDOW = (255, 236, 150)
+
+_FONTS: dict[int, Any] = {}
+
+
+def _font(size: int):
+    """PIL's bundled font at ``size`` px (Pillow >= 10.1 with FreeType), else its fixed bitmap font."""
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except (TypeError, OSError, ImportError):  # old Pillow, or Pillow built without FreeType
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
+
+
+def to_image(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float32 tensor [H, W, 3] in [0, 1]."""
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def ema(values: Sequence[float], smoothing: float = 0.9) -> list[float]:
+    """Debiased exponential moving average: s_t = a s_(t-1) + (1 - a) x_t, reported as s_t / (1 - a^t).
+
+    Non-finite values are skipped (their position gets the current average, NaN before the first
+    finite value), so a diverged step does not poison the smoothed curve.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    out, s, w = [], 0.0, 0.0
+    for x in values:
+        x = float(x) if x is not None else math.nan
+        if math.isfinite(x):
+            s = smoothing * s + (1.0 - smoothing) * x
+            w = smoothing * w + (1.0 - smoothing)
+        out.append(s / w if w > 0 else math.nan)
+    return out
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values (1, 2, 2.5, 5 x 10^k steps) covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi < lo:
+        lo, hi = hi, lo
+    if hi == lo:
+        return [lo]
+    raw = (hi - lo) / max(1, n)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, k = [], 0
+    while first + k * step <= hi + step * 1e-9:
+        ticks.append(round(first + k * step, 12))
+        k += 1
+    return ticks
+
+
+def _fmt(v: float, span: float) -> str:
+    """Tick label: integers plainly, small/large magnitudes in short scientific form."""
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1e5 or a < 1e-3:
+        return f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e")
+    if span >= 5 and float(v).is_integer():
+        return str(int(v))
+    digits = max(0, min(4, 1 - int(math.floor(math.log10(max(span, 1e-12))))))
+    return f"{v:.{digits}f}"
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out.append(f)
+    return out
+
+
+def _floats(values: Iterable[Any] | None) -> list[float]:
+    """Values as floats, None/unparseable/non-finite entries as NaN (drawn as gaps)."""
+    out = []
+    for v in values or []:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        out.append(f if math.isfinite(f) else math.nan)
+    return out
+
+
+def _flatten_ints(values: Any) -> list[int]:
+    out: list[int] = []
+    for v in values or []:
+        if isinstance(v, (list, tuple)):
+            out.extend(_flatten_ints(v))
+        elif isinstance(v, torch.Tensor):
+            out.extend(int(x) for x in v.flatten().tolist())
+        elif v is not None:
+            out.append(int(v))
+    return out
+
+
+def _as_dict(obj: Any, what: str) -> dict[str, Any]:
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{what} must be a dict (or an object with to_dict()), got {type(obj).__name__}")
+    return dict(obj)
+
+
+@dataclass
+class _Axes:
+    """A plot area: pixel box (left, top, right, bottom) and the data ranges mapped onto it."""
+
+    draw: ImageDraw.ImageDraw
+    box: tuple[int, int, int, int]
+    xlim: tuple[float, float]
+    ylim: tuple[float, float]
+
+    def px(self, x: float) -> float:
+        x0, x1 = self.xlim
+        left, _, right, _ = self.box
+        return left + (x - x0) / ((x1 - x0) or 1.0) * (right - left)
+
+    def py(self, y: float) -> float:
+        y0, y1 = self.ylim
+        _, top, _, bottom = self.box
+        return bottom - (y - y0) / ((y1 - y0) or 1.0) * (bottom - top)
+
+    def frame(self, title: str, xlabel: str, *, xint: bool = False, yint: bool = False) -> None:
+        d, (left, top, right, bottom) = self.draw, self.box
+        d.rectangle(self.box, fill=PANEL)
+        small = _font(11)
+        xs = [t for t in nice_ticks(*self.xlim, n=max(3, (right - left) // 80)) if self.xlim[0] <= t <= self.xlim[1]]
+        ys = [t for t in nice_ticks(*self.ylim, n=max(3, (bottom - top) // 45)) if self.ylim[0] <= t <= self.ylim[1]]
+        if xint:  # steps and timesteps are integers: no 2.5 ticks, no "2.0" labels
+            xs = [int(t) for t in xs if float(t).is_integer()] or [int(round(t)) for t in xs]
+        if yint:
+            ys = [int(t) for t in ys if float(t).is_integer()]
+        xspan, yspan = self.xlim[1] - self.xlim[0], self.ylim[1] - self.ylim[0]
+        for t in xs:
+            x = self.px(t)
+            d.line([(x, top), (x, bottom)], fill=GRID)
+            d.line([(x, bottom), (x, bottom + 4)], fill=FRAME)
+            label = str(t) if isinstance(t, int) else _fmt(t, xspan)
+            d.text((x, bottom + 6), label, fill=MUTED, font=small, anchor="ma")
+        for t in ys:
+            y = self.py(t)
+            d.line([(left, y), (right, y)], fill=GRID)
+            d.line([(left - 4, y), (left, y)], fill=FRAME)
+            label = str(t) if isinstance(t, int) else _fmt(t, yspan)
+            d.text((left - 6, y), label, fill=MUTED, font=small, anchor="rm")
+        d.rectangle(self.box, outline=FRAME)
+        d.text((left, top - 6), title, fill=TEXT, font=_font(13), anchor="ld")
+        d.text(((left + right) / 2, bottom + 22), xlabel, fill=MUTED, font=small, anchor="ma")
+
+    def line(self, xs: Sequence[float], ys: Sequence[float], color, width: int = 2) -> None:
+        """A polyline through the finite points; a NaN breaks it (a gap)."""
+        seg: list[tuple[float, float]] = []
+        for x, y in zip(xs, ys):
+            if math.isfinite(x) and math.isfinite(y):
+                seg.append((self.px(x), self.py(min(max(y, self.ylim[0]), self.ylim[1]))))
+                continue
+            self._flush(seg, color, width)
+            seg = []
+        self._flush(seg, color, width)
+
+    def _flush(self, seg, color, width) -> None:
+        if len(seg) >= 2:
+            self.draw.line(seg, fill=color, width=width, joint="curve")
+        elif len(seg) == 1:
+            x, y = seg[0]
+            r = max(1, width)
+            self.draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+
+    def hline(self, y: float, color, dash: int = 6) -> None:
+        left, _, right, _ = self.box
+        yy = self.py(y)
+        x = float(left)
+        while x < right:
+            self.draw.line([(x, yy), (min(x + dash, right), yy)], fill=color, width=2)
+            x += 2 * dash
+
+    def bars(self, edges: Sequence[float], heights: Sequence[float], color) -> None:
+        for a, b, h in zip(edges[:-1], edges[1:], heights):
+            if not math.isfinite(h) or h <= self.ylim[0]:
+                continue
+            x0, x1 = self.px(a), self.px(b)
+            self.draw.rectangle([x0 + 1, self.py(min(h, self.ylim[1])), max(x0 + 1, x1 - 1), self.py(self.ylim[0])],
+                                fill=color)
+
+    def legend(self, items: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
+        """A one-line key above the panel's right end (outside the plot, so it hides no data)."""
+        _, top, right, _ = self.box
+        small = _font(11)
+        x, y = right, top - 10
+        for label, color in reversed(items):
+            d = self.draw
+            x -= int(d.textlength(label, font=small))
+            d.text((x, y), label, fill=TEXT, font=small, anchor="lm")
+            d.line([(x - 18, y), (x - 4, y)], fill=color, width=3)
+            x -= 30
+
+
+def _limits(values: Sequence[float], *, pad: float = 0.06, floor: float | None = None) -> tuple[float, float]:
+    vals = _finite(values)
+    if not vals:
+        return (0.0, 1.0)
+    lo, hi = min(vals), max(vals)
+    if floor is not None:
+        lo = min(lo, floor)
+    if hi - lo < 1e-12:
+        d = abs(hi) * 0.1 or 1.0
+        return (lo - d, hi + d)
+    span = hi - lo
+    return (lo - (0 if floor is not None and lo == floor else pad * span), hi + pad * span)
+
+
+def _canvas(width: int, height: int, what: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    if not (isinstance(width, int) and isinstance(height, int)) or width < 160 or height < 120:
+        raise ValueError(f"{what} size must be integers of at least 160 x 120 px, got {width} x {height}")
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    return img, ImageDraw.Draw(img)
+
+
+def _message(draw: ImageDraw.ImageDraw, box, text: str) -> None:
+    left, top, right, bottom = box
+    draw.rectangle(box, fill=PANEL, outline=GRID)
+    draw.text(((left + right) / 2, (top + bottom) / 2), text, fill=MUTED, font=_font(13), anchor="mm")
+
+
+# --------------------------------------------------------------------------- loss chart
+
+def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: int = 512,
+               smoothing: float | None = None) -> torch.Tensor:
+    """The training chart as an image [H, W, 3] float32 in [0, 1].
+
+    ``history``: the node's ``inversion_chart`` dict or ``TrainHistory.to_dict()``: ``loss`` and
+    ``step`` lists; ``timesteps`` (flat or per step); optional ``num_timesteps`` (default 1000),
+    ``bin_edges`` and ``g_estimate`` (adaptive sampler), ``vector_norm`` (per step) and
+    ``target_norm`` (DTI's m*), ``method``. ``smoothing`` is the EMA factor; by default it grows
+    with the run length (0.6 for a few steps up to 0.98), so short and long runs both read well.
+    """
+    h = _as_dict(history, "history")
+    loss = _floats(h.get("loss"))
+    steps = _floats(h.get("step")) or [float(i + 1) for i in range(len(loss))]
+    if len(steps) != len(loss):
+        raise ValueError(f"history: 'step' has {len(steps)} entries but 'loss' has {len(loss)}; pass one step per loss")
+    T = int(h.get("num_timesteps") or 1000)
+    if T < 1:
+        raise ValueError(f"history: num_timesteps must be positive, got {T}")
+    ts = [t for t in _flatten_ints(h.get("timesteps")) if 0 <= t < T]
+    edges = _floats(h.get("bin_edges")) or None
+    g_est = _floats(h.get("g_estimate")) or None
+    if g_est is not None and (edges is None or len(edges) != len(g_est) + 1):
+        edges = list(np.linspace(0, T, len(g_est) + 1))
+    vnorm = _floats(h.get("vector_norm"))
+    target = h.get("target_norm")
+    target = float(target) if target is not None and math.isfinite(float(target)) else None
+    if smoothing is None:
+        smoothing = min(0.98, max(0.6, 1.0 - 8.0 / max(1, len(loss))))
+
+    img, d = _canvas(width, height, "loss chart")
+    method = str(h.get("method") or "").strip()
+    head = "Textual inversion" + (f" - {method}" if method else "")
+    last = _finite(loss[-1:])
+    if steps:
+        head += f"   step {int(steps[-1])}" + (f"/{int(h['total'])}" if h.get("total") else "")
+    if last:
+        head += f"   loss {last[0]:.4g}"
+    d.text((12, 8), head, fill=TEXT, font=_font(15))
+
+    ml, mr, gap = 58, 16, 56
+    top_box = (ml, 54, width - mr, int(height * 0.56))
+    if not _finite(loss):
+        _message(d, top_box, "no loss values yet")
+    else:
+        ax = _Axes(d, top_box, (min(steps), max(steps)) if len(steps) > 1 else (steps[0] - 1, steps[0] + 1),
+                   _limits(loss))
+        ax.frame("loss", "step", xint=True)
+        smooth = ema(loss, smoothing)
+        ax.line(steps, loss, RAW, width=1)
+        ax.line(steps, smooth, SMOOTH, width=2)
+        ax.legend([("raw", RAW), (f"EMA {smoothing:.2f}", SMOOTH)])
+
+    panels = ["hist"] + (["g"] if g_est is not None else []) + (["norm"] if _finite(vnorm) else [])
+    bottom_top, bottom_bottom = top_box[3] + 62, height - 40
+    pw = (width - ml - mr - gap * (len(panels) - 1)) // len(panels)
+    for i, kind in enumerate(panels):
+        left = ml + i * (pw + gap)
+        box = (left, bottom_top, left + pw, bottom_bottom)
+        if kind == "hist":
+            hedges = edges if edges is not None else list(np.linspace(0, T, 21))
+            counts = np.histogram(ts, bins=np.asarray(hedges, dtype=np.float64))[0].astype(float) if ts else []
+            if not ts:
+                _message(d, box, "no timesteps yet")
+                continue
+            ax = _Axes(d, box, (0.0, float(T)), (0.0, max(1.0, float(max(counts))) * 1.08))
+            ax.frame(f"timesteps sampled (count, n={len(ts)})", "t", xint=True, yint=True)
+            ax.bars(hedges, list(counts), HIST)
+        elif kind == "g":
+            ax = _Axes(d, box, (0.0, float(T)), _limits(g_est, floor=0.0))
+            ax.frame("adaptive sampler: g(t) per bin", "t", xint=True)
+            ax.bars(edges, g_est, GEST)
+        else:
+            vs = steps[: len(vnorm)]
+            lim = _limits(vnorm + ([target] if target is not None else []))
+            ax = _Axes(d, box, (min(vs), max(vs)) if len(vs) > 1 else (vs[0] - 1, vs[0] + 1), lim)
+            ax.frame("mean vector norm", "step", xint=True)
+            ax.line(vs, vnorm, NORM, width=2)
+            if target is not None:  # dashed, on top: under DTI the norm sits exactly on it
+                ax.hline(target, TARGET)
+                d.text((box[2] - 4, ax.py(target) - 3), f"m* = {target:.3g}", fill=TARGET, font=_font(11),
+                       anchor="rd")
+    return to_image(img)
+
+
+# --------------------------------------------------------------------------- profile chart
+
+def _best_window(edges: Sequence[float], mean: Sequence[float], T: int, width: int) -> tuple[int, int] | None:
+    """The high-grad window of ``inversion.profiler.GradProfile.best_window`` (one implementation)."""
+    from .profiler import GradProfile  # local: the profiler pulls in the trainer
+
+    if any(not math.isfinite(m) for m in mean) or not 1 <= width <= T:
+        return None
+    prof = GradProfile(torch.tensor([int(round(e)) for e in edges], dtype=torch.long),
+                       torch.tensor(mean, dtype=torch.float64), torch.zeros(len(mean), dtype=torch.float64),
+                       torch.zeros(len(mean), dtype=torch.long), T)
+    return prof.best_window(width)
+
+
+def profile_chart(profile: Mapping[str, Any] | Any, *, window: tuple[int, int] | None = None,
+                  window_width: int = 100, width: int = 768, height: int = 384) -> torch.Tensor:
+    """A gradient-norm profile g(t) as an image [H, W, 3] float32 in [0, 1].
+
+    ``profile``: a ``GradProfile`` or its dict (``edges`` or ``bin_edges``, ``mean``, ``std``,
+    ``num_timesteps``), or a live ``kind: "profile"`` event (partial: unmeasured bins are None).
+    The window [a, b] is highlighted: ``window`` if given, else the profile's best window of
+    ``window_width`` timesteps once every bin has a value.
+    """
+    p = _as_dict(profile, "profile")
+    edges = _floats(p.get("edges") if p.get("edges") is not None else p.get("bin_edges"))
+    mean = _floats(p.get("mean"))
+    std = _floats(p.get("std")) or [0.0] * len(mean)
+    if len(edges) != len(mean) + 1:
+        raise ValueError(f"profile: expected len(edges) == len(mean) + 1, got {len(edges)} edges for {len(mean)} bins")
+    if len(std) != len(mean):
+        raise ValueError(f"profile: 'std' has {len(std)} entries but 'mean' has {len(mean)}")
+    T = int(p.get("num_timesteps") or (edges[-1] if edges else 1000))
+    if window is None and p.get("window") is not None:
+        window = tuple(int(x) for x in p["window"])
+    if window is None and mean:
+        window = _best_window(edges, mean, T, int(window_width))
+
+    img, d = _canvas(width, height, "profile chart")
+    done = sum(1 for m in mean if math.isfinite(m))
+    head = f"Gradient-norm profile g(t)   {done}/{len(mean)} bins"
+    if window is not None:
+        head += f"   high-grad window [{window[0]}, {window[1]}]"
+    d.text((12, 8), head, fill=TEXT, font=_font(15))
+    box = (64, 54, width - 18, height - 44)
+    if not done:
+        _message(d, box, "no bins measured yet")
+        return to_image(img)
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    lo = [m - s if math.isfinite(s) else m for m, s in zip(mean, std)]
+    hi = [m + s if math.isfinite(s) else m for m, s in zip(mean, std)]
+    ax = _Axes(d, box, (0.0, float(T)), _limits(lo + hi, floor=0.0 if min(_finite(lo)) >= 0 else None))
+    ax.frame("g(t) = E || grad_c || eps_hat - eps || ||", "timestep t", xint=True)
+    if window is not None:
+        x0, x1 = ax.px(window[0]), ax.px(window[1] + 1)
+        d.rectangle([x0, box[1] + 1, max(x0 + 1, x1), box[3] - 1], fill=WINDOW)
+        d.text(((x0 + x1) / 2, box[1] + 4), "high-grad", fill=TEXT, font=_font(11), anchor="ma")
+    # the +-std band: one polygon per run of measured bins
+    run: list[int] = []
+    for i in list(range(len(mean))) + [None]:
+        if i is not None and math.isfinite(mean[i]):
+            run.append(i)
+            continue
+        if len(run) >= 2:
+            pts = [(ax.px(centers[j]), ax.py(hi[j])) for j in run] + [(ax.px(centers[j]), ax.py(lo[j])) for j in reversed(run)]
+            d.polygon(pts, fill=BAND)
+        run = []
+    d.rectangle(box, outline=FRAME)
+    ax.line(centers, mean, GEST, width=2)
+    for c, m in zip(centers, mean):
+        if math.isfinite(m):
+            x, y = ax.px(c), ax.py(m)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=GEST)
+    ax.legend([("mean g", GEST), ("+-1 std", BAND)])
+    return to_image(img)
+
+
+# --------------------------------------------------------------------------- OVI similarity
+
+def similarity_chart(values: Sequence[float] | Mapping[str, Sequence[float]], *, width: int = 640,
+                     height: int = 360, title: str = "OVI: cosine similarity to the text embedding") -> torch.Tensor:
+    """OVI's similarity curve (one value per optimisation step) as an image [H, W, 3] in [0, 1].
+
+    ``values``: a list of similarities, or a dict of named series (``{"similarity": [...],
+    "step": [...]}`` uses ``step`` as the x axis; other keys are drawn as further series).
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    if isinstance(values, Mapping):
+        series = {k: _floats(v) for k, v in values.items() if k != "step"}
+        steps = _floats(values.get("step")) or None
+    else:
+        series = {"similarity": _floats(values)}
+        steps = None
+    n = max((len(v) for v in series.values()), default=0)
+    xs = steps if steps is not None and len(steps) == n else [float(i + 1) for i in range(n)]
+    img, d = _canvas(width, height, "similarity chart")
+    first = next(iter(series.values()), [])
+    last = _finite(first[-1:])
+    d.text((12, 8), title + (f"   final {last[0]:.4f}" if last else ""), fill=TEXT, font=_font(15))
+    box = (64, 48, width - 18, height - 44)
+    allv = [x for v in series.values() for x in v]
+    if not _finite(allv):
+        _message(d, box, "no similarity values yet")
+        return to_image(img)
+    ax = _Axes(d, box, (min(xs), max(xs)) if n > 1 else (xs[0] - 1, xs[0] + 1), _limits(allv))
+    ax.frame("", "step", xint=True)
+    colors = [SMOOTH, GEST, NORM, HIST, TARGET]
+    items = []
+    for i, (name, v) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        ax.line(xs[: len(v)], v, c, width=2)
+        items.append((name, c))
+    ax.legend(items)
+    return to_image(img)
