@@ -1,0 +1,320 @@
+"""The library's host protocols (``inversion.host``) over ComfyUI's MODEL, CLIP and VAE objects.
+
+- ``ComfyTextEncoder``: one CLIP text encoder (``clip_l``, ``clip_h`` or ``clip_g``) inside a CLIP.
+  Learned vectors go in through ComfyUI's own token lists (a tensor in place of a token id,
+  ``SDClipModel.process_tokens``), so the encoder runs exactly as CLIPTextEncode runs it (layer
+  choice, CLIPSetLastLayer, final norm, pooled output) and autograd reaches only the vectors.
+- ``comfy_text_side``: SD1 (clip_l), SD2 (clip_h), SDXL (clip_l + clip_g concatenated, pooled
+  from clip_g), the encoders in ComfyUI's concatenation order.
+- ``ComfyDenoiser``: a MODEL. ComfyUI's k-diffusion convention is x_sigma = x0 + sigma * eps
+  (``model_sampling.noise_scaling``) and ``apply_model`` returns x0-hat whatever the
+  parameterisation, so eps-hat = (x_sigma - x0-hat) / sigma for eps-, v- and x0-models alike
+  (the textual inversion loss ||eps-hat - eps||^2, seeds/000 Eq. 3; DDPM abar_t = 1 / (1 + sigma_t^2)).
+  SDXL's ADM vector ``y`` is built by the model's own ``encode_adm`` from the pooled output.
+- ``ComfyLatentEncoder``: a VAE; latents pass through ``process_latent_in`` as sampling does.
+- ``training_host``: loads the models fully, and makes them trainable-through for the duration
+  (see ``thaw`` and ``out_of_place_clip_layers``) while keeping them usable by the rest of the graph.
+
+Traps handled (../shared/COMFYUI_NOTES.md sections 2-4): weights are inference tensors; CLIP layers
+add residuals in place; parameters loaded outside inference mode require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+import comfy.clip_model
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd1_clip
+import comfy.sdxl_clip
+
+from ..inversion.host import Conditioning, EncoderOutput, SimpleTextSide
+
+__all__ = [
+    "ENCODER_KEYS",
+    "ComfyTextEncoder",
+    "ComfyDenoiser",
+    "ComfyLatentEncoder",
+    "ComfyHost",
+    "comfy_text_side",
+    "encoder_keys",
+    "thaw",
+    "out_of_place_clip_layers",
+    "training_host",
+]
+
+ENCODER_KEYS = ("clip_l", "clip_h", "clip_g")  # ComfyUI's concatenation order (SDXL: l then g)
+_SUPPORTED_CLIPS = (comfy.sd1_clip.SD1ClipModel, comfy.sdxl_clip.SDXLClipModel)
+FP16_GRAD_SCALE = 1024.0  # static loss scale for fp16 UNets: keeps small context gradients above fp16's underflow
+
+
+def encoder_keys(clip) -> list[str]:
+    """The CLIP text encoders inside a ComfyUI CLIP object, e.g. ["clip_l", "clip_g"] for SDXL."""
+    csm = getattr(clip, "cond_stage_model", None)
+    if not isinstance(csm, _SUPPORTED_CLIPS):
+        raise TypeError(
+            f"clip: textual inversion here supports the CLIP text encoders of SD1.x, SD2.x and SDXL "
+            f"checkpoints, got {type(csm).__name__}; load an SD1/SD2/SDXL checkpoint (or DualCLIPLoader "
+            "type sdxl) and wire its CLIP output"
+        )
+    keys = [k for k in ENCODER_KEYS if isinstance(getattr(csm, k, None), comfy.sd1_clip.SDClipModel)
+            and isinstance(getattr(clip.tokenizer, k, None), comfy.sd1_clip.SDTokenizer)]
+    if not keys:
+        raise TypeError(f"clip: found no clip_l/clip_h/clip_g text encoder in {type(csm).__name__}")
+    return keys
+
+
+def _apply_clip_options(clip) -> None:
+    """What ``CLIP.encode_from_tokens`` does first: default layers, then CLIPSetLastLayer's choice."""
+    clip.cond_stage_model.reset_clip_options()
+    if clip.layer_idx is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+
+
+class ComfyTextEncoder:
+    """``inversion.host.TextEncoder`` for one text encoder (``key``) inside a ComfyUI CLIP."""
+
+    def __init__(self, clip, key: str):
+        if key not in encoder_keys(clip):
+            raise ValueError(f"clip has no text encoder {key!r}; it has {encoder_keys(clip)}")
+        self.clip = clip
+        self.key = key
+        self.module = getattr(clip.cond_stage_model, key)  # sd1_clip.SDClipModel
+        self.tokenizer = getattr(clip.tokenizer, key)  # sd1_clip.SDTokenizer
+        self.width = int(self.module.transformer.get_input_embeddings().weight.shape[1])
+        self.max_length = int(self.tokenizer.max_length)
+        self.bos_id = int(self.tokenizer.start_token)
+        self.eos_id = int(self.tokenizer.end_token)
+        self.pad_id = int(self.tokenizer.pad_token)
+
+    def token_table(self) -> torch.Tensor:
+        return self.module.transformer.get_input_embeddings().weight
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self.tokenizer.tokenizer(text)["input_ids"]  # as SDTokenizer.tokenize_with_weights does per word
+        end = -1 if self.tokenizer.tokenizer_adds_end_token else len(ids)
+        return [int(i) for i in ids[self.tokenizer.tokens_start:end]]
+
+    def encode(self, ids: torch.Tensor, slots: torch.Tensor, vectors: torch.Tensor) -> EncoderOutput:
+        if vectors.ndim != 2 or vectors.shape[1] != self.width:
+            # ComfyUI would log and silently drop a vector of the wrong width.
+            raise ValueError(f"{self.key}: learned vectors must be [k, {self.width}], got {tuple(vectors.shape)}")
+        _apply_clip_options(self.clip)
+        rows = vectors.unbind(0)
+        batch = [[rows[s] if s >= 0 else i for i, s in zip(id_row, slot_row)]
+                 for id_row, slot_row in zip(ids.tolist(), slots.tolist())]
+        out = self.module(batch)
+        return EncoderOutput(out[0], out[1])
+
+
+def comfy_text_side(clip) -> SimpleTextSide:
+    """The CLIP's encoders as one ``TextSide``; SDXL's pooled output comes from clip_g."""
+    keys = encoder_keys(clip)
+    pooled = "clip_g" if isinstance(clip.cond_stage_model, comfy.sdxl_clip.SDXLClipModel) else None
+    return SimpleTextSide([ComfyTextEncoder(clip, k) for k in keys], pooled_from=pooled)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient times ``scale`` backward (static loss scaling around fp16 code)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ComfyDenoiser:
+    """``inversion.host.Denoiser`` over a ComfyUI MODEL (ModelPatcher) with a discrete schedule.
+
+    ``add_noise``: x_t = x0 + sigma_t * eps (ComfyUI's convention, the input ``apply_model``
+    expects); ``predict_eps``: (x_t - apply_model(x_t, sigma_t)) / sigma_t.
+    """
+
+    def __init__(self, model, *, latent_downscale: int = 8):
+        self.patcher = model
+        self.base = model.model  # comfy.model_base.BaseModel
+        sampling = model.get_model_object("model_sampling")
+        sigmas = getattr(sampling, "sigmas", None)
+        if not isinstance(sampling, comfy.model_sampling.EPS) or sigmas is None or sigmas.ndim != 1:
+            raise TypeError(
+                f"model: textual inversion needs a discrete-timestep diffusion model (SD1.x, SD2.x, SDXL); "
+                f"this MODEL uses {type(sampling).__name__}, which is not supported"
+            )
+        self.sampling = sampling
+        self.sigmas = sigmas.detach().float().cpu()
+        self.num_timesteps = int(self.sigmas.shape[0])
+        self.prediction = type(sampling).__name__
+        self.uses_adm = int(getattr(self.base, "adm_channels", 0) or 0) > 0
+        self.latent_downscale = latent_downscale
+        self.device = model.load_device
+        self.grad_scale = 1.0
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[t.detach().long().cpu()]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return x0 + s * noise
+
+    def _adm(self, cond: Conditioning, x: torch.Tensor) -> torch.Tensor:
+        if cond.pooled is None:
+            raise ValueError("model: this model needs a pooled text embedding (SDXL's clip_g); wire the "
+                             "CLIP that came with the model")
+        h, w = x.shape[-2] * self.latent_downscale, x.shape[-1] * self.latent_downscale
+        # Size conditioning as for an uncropped image of the training size (what KSampler uses
+        # for a latent of this size with a plain CLIPTextEncode).
+        return self.base.encode_adm(pooled_output=cond.pooled, width=w, height=h, device=x.device)
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x = x_t.to(self.device, torch.float32)
+        sigma = self.sigma(t).to(self.device)
+        context = cond.context
+        extra = {}
+        if self.uses_adm:
+            extra["y"] = self._adm(cond, x)
+        if self.grad_scale != 1.0:
+            context = _ScaleGrad.apply(context, 1.0 / self.grad_scale)
+            if "y" in extra:
+                extra["y"] = _ScaleGrad.apply(extra["y"], 1.0 / self.grad_scale)
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)
+        x0 = self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **extra)
+        if self.grad_scale != 1.0:
+            x0 = _ScaleGrad.apply(x0, self.grad_scale)
+        return (x - x0) / sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
+class ComfyLatentEncoder:
+    """``inversion.host.LatentEncoder``: VAE posterior mode, then ``process_latent_in``."""
+
+    def __init__(self, vae, model):
+        if vae is None or getattr(vae, "first_stage_model", None) is None:
+            raise ValueError("vae: no VAE given or the checkpoint has none; wire a VAE (e.g. from VAELoader)")
+        self.vae = vae
+        self.base = model.model
+        self.device = model.load_device
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (3, 4):
+            raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        with torch.inference_mode():
+            latents = self.base.process_latent_in(self.vae.encode(images[:, :3].movedim(1, -1)))
+        with torch.inference_mode(False):
+            return latents.to(self.device, torch.float32).clone()  # a normal tensor, usable by autograd
+
+
+# ---------------------------------------------------------------- making ComfyUI models trainable-through
+
+def _needs_replacing(t: torch.Tensor) -> bool:
+    if t.is_inference():
+        return True
+    try:
+        t._version  # a Parameter whose .data was swapped for an inference tensor has no version counter
+    except RuntimeError:
+        return True
+    return False
+
+
+def thaw(module: torch.nn.Module) -> int:
+    """Make ``module`` usable by autograd: frozen, and free of inference tensors.
+
+    Every Parameter/buffer created under ``torch.inference_mode`` (all of them, when a loader node
+    built the model) is replaced by a normal copy with the same values: ``p.data = clone`` is not
+    enough (the Parameter keeps no version counter), identity weight wrappers work but cost 3-4x
+    per step. Parameters are frozen, or backward would build weight gradients (2.4x slower).
+    Returns the number of tensors replaced. Must run outside inference mode.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("thaw() must run under torch.inference_mode(False)")
+    replaced = 0
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None:
+                continue
+            if _needs_replacing(p):
+                m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                replaced += 1
+            elif p.requires_grad:
+                p.requires_grad_(False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and _needs_replacing(b):
+                m._buffers[name] = b.clone()
+                replaced += 1
+    return replaced
+
+
+_CLIP_LAYER_ARGS = ["self", "x", "mask", "optimized_attention"]
+
+
+def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """``comfy.clip_model.CLIPLayer.forward`` with out-of-place residual adds (its ``x +=`` would
+    overwrite the input that layer_norm1 saved for backward)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+@contextlib.contextmanager
+def out_of_place_clip_layers(module: torch.nn.Module) -> Iterator[int]:
+    """Give every ``CLIPLayer`` instance in ``module`` an out-of-place forward; restored on exit."""
+    params = list(inspect.signature(comfy.clip_model.CLIPLayer.forward).parameters)
+    if params != _CLIP_LAYER_ARGS:
+        raise RuntimeError(f"ComfyUI's CLIPLayer.forward{tuple(params)} changed; nodes/comfy_host.py "
+                           "must be updated for this ComfyUI version")
+    layers = [m for m in module.modules() if isinstance(m, comfy.clip_model.CLIPLayer)
+              and "forward" not in m.__dict__]
+    for m in layers:
+        m.forward = types.MethodType(_clip_layer_forward, m)
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
+
+
+@dataclass
+class ComfyHost:
+    """Everything the trainer needs, over one MODEL/CLIP(/VAE) triple."""
+
+    text_side: SimpleTextSide
+    denoiser: ComfyDenoiser
+    latent_encoder: ComfyLatentEncoder | None
+    device: torch.device
+    dtype: torch.dtype  # the UNet's compute dtype (fp16/bf16 on GPUs, fp32 on the CPU)
+
+
+def _compute_dtype(model) -> torch.dtype:
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+@contextlib.contextmanager
+def training_host(model, clip, vae=None) -> Iterator[ComfyHost]:
+    """Load MODEL and CLIP fully (as ComfyUI's own trainer does) and make them differentiable.
+
+    Inside the block autograd is on and inference mode off (a prompt runs under
+    ``torch.inference_mode()``). Encode images before entering, or with ``host.latent_encoder``:
+    the VAE is not kept loaded. On exit the CLIP layers get their own forward back; the thawed
+    tensors stay (same values, so later sampling is unchanged).
+    """
+    encoder_keys(clip)
+    with torch.inference_mode(False), torch.enable_grad():
+        comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+        thaw(model.model)
+        thaw(clip.cond_stage_model)
+        denoiser = ComfyDenoiser(model)
+        dtype = _compute_dtype(model)
+        if dtype == torch.float16:
+            denoiser.grad_scale = FP16_GRAD_SCALE
+        latent_encoder = ComfyLatentEncoder(vae, model) if vae is not None else None
+        with out_of_place_clip_layers(clip.cond_stage_model):
+            yield ComfyHost(comfy_text_side(clip), denoiser, latent_encoder, torch.device(model.load_device), dtype)

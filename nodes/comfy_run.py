@@ -1,0 +1,98 @@
+"""A long job inside a ComfyUI prompt: progress bar, Cancel, live chart events, embedding files.
+
+The library reports each training step through one callback with plain data (``StepInfo``);
+``TrainReporter`` turns it into ComfyUI's progress bar, the Cancel check and the
+``inversion.progress`` websocket event that ``web/js/inversion_charts.js`` draws live. Cancel is
+ComfyUI's ``InterruptProcessingException`` (raised once, after the step in progress): the caller
+saves the last good vectors before letting it propagate, because a node that returns normally
+would have its partial result cached as if complete (../shared/COMFYUI_NOTES.md section 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..inversion.embedding import validate_name
+
+__all__ = ["EVENT", "UI_KEY", "TrainReporter", "send_event", "check_cancel", "embeddings_dir",
+           "embedding_path", "history_payload"]
+
+log = logging.getLogger(__name__)
+
+EVENT = "inversion.progress"  # read by web/js/inversion_charts.js
+UI_KEY = "inversion_chart"  # the node's final UI output the chart widget restores from
+
+
+def check_cancel() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def send_event(node_id: str | None, payload: dict[str, Any]) -> None:
+    """Broadcast an ``inversion.progress`` event for node ``node_id`` (no-op without a server)."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(EVENT, {"node": str(node_id), **payload})
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
+class TrainReporter:
+    """The trainer's callback: progress bar, Cancel check, live chart event. Returns None (go on)."""
+
+    def __init__(self, node_id: str | None, total: int, method: str, num_timesteps: int, start: int = 0):
+        self.node_id = node_id
+        self.method = method
+        self.num_timesteps = num_timesteps
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        if start:
+            self.bar.update_absolute(start, total)
+
+    def __call__(self, info) -> None:
+        send_event(self.node_id, {
+            "kind": "train", "step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
+            "grad_norm": info.grad_norm, "timesteps": list(info.timesteps),
+            "vector_norm": _mean(x for v in info.vector_norms.values() for x in v),
+            "g_estimate": info.g_estimate, "bin_edges": info.bin_edges,
+            "target_norm": None if not info.target_norms else _mean(info.target_norms.values()),
+            "num_timesteps": self.num_timesteps, "method": self.method,
+        })
+        self.bar.update_absolute(info.step, info.total)  # inside a server this also checks Cancel
+        check_cancel()
+
+
+def history_payload(history, *, method: str, num_timesteps: int, total: int, last_info=None) -> dict[str, Any]:
+    """The final chart data (``ui[UI_KEY]``): the whole history plus the sampler's last estimate."""
+    d = {"kind": "train", **history.to_dict(), "method": method, "num_timesteps": num_timesteps, "total": total}
+    if last_info is not None:
+        d["g_estimate"] = last_info.g_estimate
+        d["bin_edges"] = last_info.bin_edges
+        d["target_norm"] = None if not last_info.target_norms else _mean(last_info.target_norms.values())
+    return d
+
+
+def embeddings_dir() -> str:
+    """The first ``models/embeddings`` folder ComfyUI searches (where ``embedding:<name>`` looks)."""
+    folder = folder_paths.get_folder_paths("embeddings")[0]
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def embedding_path(name: str) -> str:
+    """``models/embeddings/<name>.safetensors`` for a valid concept name."""
+    return os.path.join(embeddings_dir(), f"{validate_name(name)}.safetensors")

@@ -1,0 +1,273 @@
+"""Run the pack against a real ComfyUI checkout (``COMFYUI_PATH``), with random-weight models.
+
+Used by ``tests/comfy/conftest.py`` and ``benchmarks/comfy_step_cost.py``; loaded by file path
+(``load_harness``) so that neither ComfyUI's own ``tests`` package nor its ``nodes`` module can
+shadow this repository's ``tests``/``nodes`` folders, whatever the order of ``sys.path``.
+
+- ``boot(base_dir)`` imports ComfyUI as its ``main.py`` would (CPU, ``--base-directory``), so
+  models, inputs, outputs and embeddings live in a temporary folder, never in the checkout.
+- ``sd15_checkpoint()`` builds, once, a random-weight *full-architecture* SD1.5 checkpoint with
+  ComfyUI's own classes (UNet: PyTorch default init, never zero-init, so gradients are not
+  trivial; text encoder: N(0, 0.02); saved fp16 in the original LDM key layout via
+  ``BaseModel.state_dict_for_saving``) and caches it outside the repository.
+- ``tiny_sdxl()`` / ``tiny_sd2()``: small ComfyUI MODEL/CLIP/VAE objects of the SDXL
+  (clip_l + clip_g, pooled, ADM ``y``) and SD2 (clip_h, v-prediction) families, built with
+  ComfyUI's classes and tiny configs, their weights made inference tensors as the loaders do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_MODULE = "comfyui_inversion"
+CACHE_VERSION = "v1"  # bump when the generated checkpoint changes, so caches are rebuilt
+SD15_NAME = f"sd15-random-{CACHE_VERSION}.safetensors"
+
+
+def comfyui_path() -> str | None:
+    path = os.environ.get("COMFYUI_PATH")
+    if path and os.path.isfile(os.path.join(path, "nodes.py")) and os.path.isdir(os.path.join(path, "comfy")):
+        return os.path.abspath(path)
+    return None
+
+
+def cache_dir() -> str:
+    base = os.environ.get("COMFYUI_INVERSION_TEST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "comfyui-inversion-tests")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def boot(base_dir: str) -> types.SimpleNamespace:
+    """Import ComfyUI from ``COMFYUI_PATH`` on the CPU with every folder under ``base_dir``."""
+    path = comfyui_path()
+    if path is None:
+        raise RuntimeError("COMFYUI_PATH is not set to a ComfyUI checkout")
+    shadow = sys.modules.get("nodes")
+    if shadow is not None and not os.path.abspath(getattr(shadow, "__file__", "") or "").startswith(path):
+        raise RuntimeError(f"a module named 'nodes' is already imported from {shadow.__file__}, not ComfyUI's")
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+    for sub in ("models/checkpoints", "models/embeddings", "input", "output", "temp", "user", "custom_nodes"):
+        os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
+
+    import comfy.cli_args
+
+    # Must precede comfy.model_management's import (a CUDA build without a GPU crashes there),
+    # and folder_paths reads base_directory when it is first imported.
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = base_dir
+    import comfy.model_management
+    import folder_paths
+
+    # folder_paths may have been imported earlier with another base: point everything at ours.
+    folder_paths.set_output_directory(os.path.join(base_dir, "output"))
+    folder_paths.set_input_directory(os.path.join(base_dir, "input"))
+    folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
+    folder_paths.set_user_directory(os.path.join(base_dir, "user"))
+    for name in ("checkpoints", "embeddings"):
+        exts = folder_paths.folder_names_and_paths[name][1]
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(base_dir, "models", name)], exts)
+    folder_paths.filename_list_cache.clear()
+
+    import comfy.sd
+    import comfy.utils
+    import nodes
+
+    return types.SimpleNamespace(path=path, base_dir=base_dir, comfy=sys.modules["comfy"], nodes=nodes,
+                                 folder_paths=folder_paths, mm=comfy.model_management)
+
+
+def import_pack(name: str = PACK_MODULE):
+    """Import this repository as ComfyUI imports a custom-node folder (spec_from_file_location)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+# ---------------------------------------------------------------- random weights
+
+def _torch_reset(m: nn.Module) -> bool:
+    """Run the reset_parameters of the first torch.nn class in ``m``'s MRO (ComfyUI's ops
+    override it with a no-op, leaving ``torch.empty`` memory)."""
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn") and "reset_parameters" in cls.__dict__:
+            cls.__dict__["reset_parameters"](m)
+            return True
+    return False
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int, *, text_std: float | None = None) -> nn.Module:
+    """Initialise every parameter: PyTorch defaults (``text_std`` None) or N(0, text_std) for
+    linear/embedding weights with zero biases (the CLIP text-encoder convention); norms 1/0."""
+    torch.manual_seed(seed)
+    done: set[int] = set()
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif text_std is not None and isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(0.0, text_std)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+        elif not _torch_reset(m):
+            for p in own:
+                p.normal_(0.0, 0.02)
+        done.update(id(p) for p in own)
+    for p in module.parameters():
+        if id(p) not in done:
+            p.normal_(0.0, 0.02)
+    return module
+
+
+# ---------------------------------------------------------------- SD1.5, full size
+
+SD15_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+    use_linear_in_transformer=False, context_dim=768, num_heads=8,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+              ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+
+
+def build_sd15_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a random SD1.5 checkpoint that CheckpointLoaderSimple detects as SD15/EPS."""
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    config = comfy.supported_models.SD15(dict(SD15_UNET, dtype=torch.float32))
+    config.set_inference_dtype(torch.float32, None)
+    model = randomize_(config.get_model({}), seed)
+    clip = randomize_(comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32), seed + 1, text_std=0.02)
+    vae = randomize_(ae.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4), seed + 2)
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    del model, clip, vae
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file(sd, tmp, metadata={"generator": "comfyui-inversion tests", "version": CACHE_VERSION})
+    os.replace(tmp, path)  # atomic: a concurrent run never sees a half-written file
+    return path
+
+
+def sd15_checkpoint() -> str:
+    """Path of the cached random SD1.5 checkpoint, built on first use (~1 min, 2 GB)."""
+    path = os.path.join(cache_dir(), SD15_NAME)
+    if not os.path.isfile(path):
+        build_sd15_checkpoint(path)
+    return path
+
+
+def install_checkpoint(env: types.SimpleNamespace, path: str) -> str:
+    """Link ``path`` into the base folder's models/checkpoints; returns the ckpt_name to use."""
+    name = os.path.basename(path)
+    dst = os.path.join(env.base_dir, "models", "checkpoints", name)
+    if not os.path.exists(dst):
+        os.symlink(path, dst)
+    env.folder_paths.filename_list_cache.clear()
+    return name
+
+
+def load_checkpoint(env: types.SimpleNamespace, ckpt_name: str):
+    """(MODEL, CLIP, VAE) through CheckpointLoaderSimple, under inference mode as a prompt runs."""
+    with torch.inference_mode():
+        return env.nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
+
+
+# ---------------------------------------------------------------- tiny SDXL / SD2 objects
+
+def _tiny_te(width: int, layers: int = 3) -> dict:
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "projection_dim": width}
+
+
+def _tiny_unet(context_dim: int, adm: int | None) -> dict:
+    cfg = dict(
+        use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
+        num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_middle=1,
+        transformer_depth_output=[1, 1, 1, 1], use_linear_in_transformer=True, context_dim=context_dim,
+        num_head_channels=16, use_spatial_transformer=True, legacy=False, adm_in_channels=adm,
+        use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32,
+    )
+    if adm is not None:
+        cfg["num_classes"] = "sequential"
+    return cfg
+
+
+def _tiny_vae(embedding_directory: str | None = None):
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.sd
+
+    ddconfig = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
+    sd = randomize_(ae.AutoencoderKL(ddconfig=dict(ddconfig), embed_dim=4), 7).state_dict()
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+
+
+def _tiny(family: str, embedding_directory: str | None, seed: int):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd2_clip as sd2_clip
+
+    cpu = torch.device("cpu")
+    with torch.inference_mode():  # what the loaders do inside a prompt: weights become inference tensors
+        if family == "sdxl":
+            widths = {"clip_l": 32, "clip_g": 64}
+            config = comfy.supported_models.SDXL(_tiny_unet(96, 64 + 6 * 256))
+            config.unet_config["num_head_channels"] = 16  # the family default (64) leaves 0 heads at width 32
+            model = comfy.model_base.SDXL(config, comfy.model_base.ModelType.EPS, device=cpu)
+            target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        else:
+            widths = {"clip_h": 48}
+            config = comfy.supported_models.SD20(_tiny_unet(48, None))
+            config.unet_config["num_head_channels"] = 16
+            model = comfy.model_base.BaseModel(config, comfy.model_base.ModelType.V_PREDICTION, device=cpu)
+            target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+        randomize_(model, seed)
+        options = {f"{k}_model_config": _tiny_te(w) for k, w in widths.items()}
+        clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory, model_options=options)
+        randomize_(clip.cond_stage_model, seed + 1, text_std=0.02)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        vae = _tiny_vae()
+    return patcher, clip, vae
+
+
+def tiny_sdxl(embedding_directory: str | None = None, seed: int = 0):
+    """(MODEL, CLIP, VAE): SDXL family, clip_l 32-d + clip_g 64-d, pooled from clip_g into ADM y."""
+    return _tiny("sdxl", embedding_directory, seed)
+
+
+def tiny_sd2(embedding_directory: str | None = None, seed: int = 0):
+    """(MODEL, CLIP, VAE): SD2 family, clip_h 48-d, v-prediction."""
+    return _tiny("sd2", embedding_directory, seed)

@@ -1,0 +1,421 @@
+"""The pack in a real browser: Debian chromium (headless, DevTools protocol) on a real ComfyUI server.
+
+Skips without ``COMFYUI_PATH`` or without a ``chromium`` executable (``apt-get install -y chromium``).
+Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _load(name, fn):
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, fn))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sp = _load("inversion_server_process", "server_process.py")
+cdp = _load("inversion_cdp", "cdp.py")
+check = _load("inversion_workflow_check", os.path.join("..", "workflow_check.py"))
+
+pytestmark = [
+    pytest.mark.skipif(sp.comfyui_path() is None, reason="COMFYUI_PATH is not set to a ComfyUI checkout"),
+    pytest.mark.skipif(cdp.find_chromium() is None,
+                       reason="no chromium executable (Debian: apt-get install -y chromium)"),
+]
+
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+PACK = sp.PACK_FOLDER
+TRAIN = "InversionTrainTextualInversion"
+SMOOTH_RGB = (91, 155, 255)  # the EMA loss curve's colour in web/js/inversion_charts.js
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    base = tmp_path_factory.mktemp("browser-comfy")
+    srv = sp.ComfyServer(str(base))
+    srv.install_pack()
+    # the random SD1.5 checkpoint of tests/comfy/harness.py, built (once, cached) if needed
+    harness = _load("inversion_comfy_harness", "harness.py")
+    path = os.path.join(harness.cache_dir(), harness.SD15_NAME)
+    if not os.path.isfile(path):
+        request.getfixturevalue("comfyui")  # boots ComfyUI in this process, which the builder needs
+        path = harness.sd15_checkpoint()
+    srv.ckpt_name = srv.link_model(path)
+    concept = os.path.join(srv.base_dir, "input", "browser_concept")
+    os.makedirs(concept, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = (rng.random((64, 64, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(os.path.join(concept, f"img{i}.png"))
+    srv.concept_folder = "browser_concept"
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with cdp.Browser(width=1600, height=1000) as browser:
+        p = browser.page()
+        p.goto(server.url)
+        p.wait_for("window.app && window.app.graph && Object.keys(LiteGraph.registered_node_types).length > 100", 120)
+        p.pump(1.0)
+        yield p
+
+
+def _pack_errors(page) -> list[dict]:
+    return [c for c in page.console if c["type"] in ("error", "exception", "assert")
+            and (f"/extensions/{PACK}/" in c["url"] or "inversion" in c["text"].lower())]
+
+
+def _load_workflow(page, wf: dict, name: str) -> None:
+    page.evaluate(f"""(async () => {{
+        const app = window.comfyAPI.app.app;
+        await app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)},
+                                {{showMissingNodesDialog: false, showMissingModelsDialog: false}});
+        return true;
+    }})()""")
+
+
+def test_page_loads_the_extension_without_errors(page, server):
+    # the server lists our module among the extensions the page imports; nothing else of ours is a script
+    ours = [u for u in server.get("/extensions") if u.startswith(f"/extensions/{PACK}/")]
+    assert ours == [f"/extensions/{PACK}/js/inversion_charts.js"]
+    types = page.evaluate("Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith('Inversion'))")
+    assert sorted(types) == sorted(check.pack_node_ids(ROOT))
+    # the extension ran: the chart nodes get their chart widget, the others none
+    charts = page.evaluate("""(() => {
+        const out = {};
+        for (const t of Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith('Inversion'))) {
+            const n = LiteGraph.createNode(t);
+            out[t] = (n.widgets ?? []).filter((w) => w.name === 'inversion_chart').length;
+            n.onRemoved?.();
+        }
+        return out;
+    })()""")
+    assert {t for t, k in charts.items() if k} == {TRAIN, "InversionGradNormProfiler"}
+    assert all(k <= 1 for k in charts.values())
+    assert not _pack_errors(page), _pack_errors(page)
+
+
+def test_templates_and_help_pages_are_served(server):
+    listed = server.get("/api/workflow_templates")
+    assert sorted(listed.get(PACK, [])) == sorted(_stem(p) for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK}/{_stem(path)}.jpg") as r:
+            assert r.headers.get_content_type() == "image/jpeg" and len(r.read()) > 1000
+    info = server.get("/object_info")
+    for node_id in sorted(check.pack_node_ids(ROOT)):
+        assert info[node_id]["python_module"] == f"custom_nodes.{PACK}"
+        with urllib.request.urlopen(f"{server.url}/extensions/{PACK}/docs/{node_id}.md") as r:
+            text = r.read().decode()
+        assert text.startswith("# "), node_id
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_stem)
+def test_example_workflow_loads_with_no_missing_nodes(page, path):
+    with open(path) as f:
+        wf = json.load(f)
+    missing = page.evaluate(f"""{json.dumps([n["type"] for n in wf["nodes"]])}
+                                .filter((t) => !(t in LiteGraph.registered_node_types))""")
+    assert missing == []
+    before = len(page.console)
+    _load_workflow(page, wf, _stem(path))
+    state = page.evaluate("""(() => {
+        const g = window.comfyAPI.app.app.graph;
+        return {n: g.nodes.length, links: g.links.size ?? Object.keys(g.links).length,
+                values: Object.fromEntries(g.nodes.map((n) => [n.id, n.serialize().widgets_values ?? null])),
+                charts: g.nodes.filter((n) => n.widgets?.some((w) => w.name === 'inversion_chart')).map((n) => n.type)};
+    })()""")
+    assert state["n"] == len(wf["nodes"])
+    assert state["links"] == len(wf["links"])
+    # the frontend reads every widget value back at the same position (widget order unchanged)
+    for n in wf["nodes"]:
+        assert (state["values"][str(n["id"])] or []) == (n.get("widgets_values") or []), (n["type"], n["id"])
+    expected = [n["type"] for n in wf["nodes"] if n["type"] in (TRAIN, "InversionGradNormProfiler")]
+    assert sorted(state["charts"]) == sorted(expected)
+    errors = _pack_errors(page)
+    assert not [c for c in page.console[before:] if c in errors], errors
+
+
+def _chart_pixels(page, node_expr: str) -> int:
+    """Pixels of the EMA loss colour on the node's chart canvas."""
+    r, g, b = SMOOTH_RGB
+    return page.evaluate(f"""(() => {{
+        const node = {node_expr};
+        const w = node?.widgets?.find((w) => w.name === 'inversion_chart');
+        const c = w?.element?.querySelector('canvas');
+        if (!c || !c.width || !c.height) return -1;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let k = 0;
+        for (let i = 0; i < d.length; i += 4)
+            if (Math.abs(d[i] - {r}) < 24 && Math.abs(d[i + 1] - {g}) < 24 && Math.abs(d[i + 2] - {b}) < 24) k++;
+        return k;
+    }})()""")
+
+
+def test_live_events_reach_a_node_inside_nested_subgraphs(page):
+    """`inversion.progress` carries the execution id ("outer:inner:node"); the chart of that node fills."""
+    ids = page.evaluate(f"""(async () => {{
+        const app = window.comfyAPI.app.app;
+        app.graph.clear();
+        const node = LiteGraph.createNode('{TRAIN}');
+        app.graph.add(node);
+        const r1 = app.graph.convertToSubgraph(new Set([node]));
+        const r2 = app.graph.convertToSubgraph(new Set([r1.node]));
+        return [r2.node.id, r1.node.id, node.id];
+    }})()""")
+    exec_id = ":".join(str(i) for i in ids)
+    events = [{"node": exec_id, "kind": "train", "step": s, "total": 5, "loss": 1.0 / s, "timesteps": [100 * s],
+               "lr": 0.005, "grad_norm": 1.0, "vector_norm": 0.4, "target_norm": None, "g_estimate": None,
+               "bin_edges": None, "num_timesteps": 1000, "method": "vanilla"} for s in range(1, 6)]
+    labels = page.evaluate(f"""(async () => {{
+        const {{ app }} = window.comfyAPI.app;
+        const {{ api }} = window.comfyAPI.api;
+        for (const e of {json.dumps(events)}) api.dispatchCustomEvent('inversion.progress', e);
+        const outer = app.graph.getNodeById({ids[0]});
+        const mid = outer.subgraph.getNodeById({ids[1]});
+        const inner = mid.subgraph.getNodeById({ids[2]});
+        const chart = inner.widgets.find((w) => w.name === 'inversion_chart');
+        return chart.value.steps;
+    }})()""")
+    assert labels == [1, 2, 3, 4, 5]
+    # a root-level id with the same last part must not receive them
+    page.evaluate("window.comfyAPI.app.app.graph.clear()")
+
+
+def test_js_chart_maths_matches_the_library(page):
+    """The live chart's EMA and high-grad window are the library's (inversion.charts / profiler)."""
+    import torch
+
+    from inversion.charts import ema
+    from inversion.profiler import GradProfile
+
+    gen = np.random.default_rng(1)
+    cases = []
+    for bins in (5, 20, 37):
+        edges = np.linspace(0, 1000, bins + 1).round().astype(int).tolist()
+        mean = gen.random(bins).round(4).tolist()
+        cases.append((edges, mean, int(gen.integers(1, 400))))
+    loss = [float(x) for x in gen.random(50)] + [float("nan")] + [0.5] * 5
+    js = page.evaluate(f"""(async () => {{
+        const m = await import('/extensions/{PACK}/js/inversion_charts.js');
+        const cases = {json.dumps(cases)};
+        const loss = {json.dumps(loss)};  // NaN is a JS literal too
+        return {{windows: cases.map(([e, g, w]) => m.bestWindow(e, g, 1000, w)),
+                 ema: m.ema(loss, 0.9).map((v) => Number.isFinite(v) ? v : null)}};
+    }})()""")
+    for (edges, mean, width), got in zip(cases, js["windows"]):
+        prof = GradProfile(torch.tensor(edges), torch.tensor(mean, dtype=torch.float64),
+                           torch.zeros(len(mean), dtype=torch.float64), torch.ones(len(mean), dtype=torch.long), 1000)
+        assert tuple(got) == prof.best_window(width)
+    assert js["ema"] == pytest.approx(ema(loss, 0.9), nan_ok=True)
+
+
+def test_removing_the_node_cleans_up_its_chart(page):
+    result = page.evaluate(f"""(async () => {{
+        const {{ app }} = window.comfyAPI.app;
+        const {{ api }} = window.comfyAPI.api;
+        app.graph.clear();
+        const node = LiteGraph.createNode('{TRAIN}');
+        app.graph.add(node);
+        await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 100)));
+        const widget = node.widgets.find((w) => w.name === 'inversion_chart');
+        const el = widget.element;
+        const before = el.isConnected;
+        const id = node.id;
+        app.graph.remove(node);
+        await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 100)));
+        // events for the removed node are ignored, without errors
+        api.dispatchCustomEvent('inversion.progress', {{node: String(id), kind: 'train', step: 1, total: 1, loss: 1,
+                                                         timesteps: [1], num_timesteps: 1000}});
+        return [before, el.isConnected, widget.value];
+    }})()""")
+    assert result == [True, False, ""]  # detached, and its data dropped
+    assert not _pack_errors(page)
+
+
+def test_chart_canvas_follows_the_device_pixel_ratio_and_zoom(page):
+    """The backing store is CSS size x devicePixelRatio x canvas zoom (>= 1), so lines stay sharp."""
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 1600, "height": 1000, "deviceScaleFactor": 2,
+                                                     "mobile": False})
+    try:
+        page.pump(0.5)
+        ratios = page.evaluate(f"""(async () => {{
+            const {{ app }} = window.comfyAPI.app;
+            app.graph.clear();
+            const node = LiteGraph.createNode('{TRAIN}');
+            app.graph.add(node);
+            node.pos = [100, 100];
+            const frames = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 200))));
+            const out = [];
+            for (const zoom of [1, 1.5]) {{
+                app.canvas.ds.scale = zoom;
+                app.canvas.ds.offset = [0, 0];
+                app.canvas.setDirty(true, true);
+                await frames();
+                await frames();
+                const c = node.widgets.find((w) => w.name === 'inversion_chart').element.querySelector('canvas');
+                out.push([window.devicePixelRatio, c.width / c.clientWidth]);
+            }}
+            app.graph.clear();
+            return out;
+        }})()""")
+    finally:
+        page.set_viewport(1600, 1000)
+    assert ratios[0][0] == 2
+    assert ratios[0][1] == pytest.approx(2.0, abs=0.02)
+    assert ratios[1][1] == pytest.approx(3.0, abs=0.02)
+
+
+def test_chart_in_the_vue_node_renderer(page):
+    """With Vue nodes on, the same chart canvas is mounted into the trainer's Vue node and drawn."""
+    wf = {"last_node_id": 1, "last_link_id": 0, "nodes": [{"id": 1, "type": TRAIN, "pos": [0, 0], "size": [420, 900],
+          "flags": {}, "order": 0, "mode": 0, "properties": {}}], "links": [], "groups": [], "config": {},
+          "extra": {}, "version": 0.4}
+    node_id = 1
+    # 1.27 builds its Vue nodes when the setting is switched on (a graph loaded afterwards keeps the
+    # previous graph's Vue nodes), so: load, then switch on
+    _load_workflow(page, wf, "vue")
+    page.evaluate("window.comfyAPI.app.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true)")
+    try:
+        page.evaluate(f"""(() => {{
+            const {{ app }} = window.comfyAPI.app;
+            const {{ api }} = window.comfyAPI.api;
+            const node = app.graph.getNodeById({node_id});
+            app.canvas.ds.scale = 1;
+            app.canvas.ds.offset = [60 - node.pos[0], 60 - node.pos[1]];
+            app.canvas.setDirty(true, true);
+            for (let s = 1; s <= 8; s++) api.dispatchCustomEvent('inversion.progress', {{node: '{node_id}', kind: 'train',
+                step: s, total: 8, loss: 1 / s, timesteps: [s * 90], lr: 0.005, grad_norm: 1, vector_norm: 0.4,
+                num_timesteps: 1000, method: 'vanilla'}});
+            return true;
+        }})()""")
+        selector = f'[data-node-id="{node_id}"] .comfyui-inversion-chart canvas'
+        page.wait_for(f"!!document.querySelector('{selector}')", timeout=30)
+        page.pump(0.5)
+        r, g, b = SMOOTH_RGB
+        drawn = page.evaluate(f"""(() => {{
+            const c = document.querySelector('{selector}');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let k = 0;
+            for (let i = 0; i < d.length; i += 4)
+                if (Math.abs(d[i] - {r}) < 24 && Math.abs(d[i + 1] - {g}) < 24 && Math.abs(d[i + 2] - {b}) < 24) k++;
+            return k;
+        }})()""")
+        assert drawn > 50
+        page.evaluate(f"""(() => {{  // bring the bottom of the (tall) node into view
+            const c = window.comfyAPI.app.app.canvas;
+            const b = document.querySelector('{selector}').getBoundingClientRect();
+            c.ds.offset = [c.ds.offset[0], c.ds.offset[1] - (b.bottom - window.innerHeight + 20) / c.ds.scale];
+            c.setDirty(true, true);
+            return true;
+        }})()""")
+        page.pump(1.0)
+        rect = page.evaluate(f"""(() => {{
+            const n = document.querySelector('[data-node-id="{node_id}"]').getBoundingClientRect();
+            const b = document.querySelector('{selector}').getBoundingClientRect();
+            const top = Math.max(0, b.top - 300);
+            return {{x: n.x, y: top, width: n.width, height: b.bottom - top + 10}};
+        }})()""")
+        page.screenshot(os.path.join(ARTIFACTS, "browser_vue_node_chart.png"), clip=rect)
+    finally:
+        page.evaluate("window.comfyAPI.app.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
+        page.pump(1.0)
+    # back in the classic canvas the chart is a DOM widget again, with its data
+    steps = page.evaluate(f"""window.comfyAPI.app.app.graph.getNodeById({node_id})
+        .widgets.find((w) => w.name === 'inversion_chart').value.steps""")
+    assert steps == list(range(1, 9))
+
+
+def _training_workflow(server) -> dict:
+    with open(next(p for p in WORKFLOWS if "vanilla" in p)) as f:
+        wf = json.load(f)
+    return wf
+
+
+def test_short_training_run_draws_the_chart_and_survives_a_reload(page, server):
+    wf = _training_workflow(server)
+    _load_workflow(page, wf, "browser-training")
+    node_id = next(n["id"] for n in wf["nodes"] if n["type"] == TRAIN)
+    settings = {  # a tiny, fast run on the random checkpoint and three 64 px images; the sampler too
+        "ckpt_name": server.ckpt_name, "folder": server.concept_folder, "size": 64, "width": 64, "height": 64,
+        "steps": 3, "batch_size": 1, "name": f"browser-test-{int(time.time())}",
+    }
+    applied = page.evaluate(f"""(() => {{
+        const g = window.comfyAPI.app.app.graph;
+        const done = [];
+        for (const node of g.nodes)
+            for (const w of node.widgets ?? [])
+                if (w.name in {json.dumps(settings)}) {{ w.value = {json.dumps(settings)}[w.name]; done.push(w.name); }}
+        return done;
+    }})()""")
+    assert {"ckpt_name", "folder", "size", "steps", "name"} <= set(applied), applied
+    page.evaluate("""(() => {
+        window.__inversionEvents = [];
+        window.comfyAPI.api.api.addEventListener('inversion.progress', (e) => window.__inversionEvents.push(e.detail));
+        window.__inversionDone = null;
+        window.comfyAPI.api.api.addEventListener('execution_success', () => { window.__inversionDone = 'success'; });
+        window.comfyAPI.api.api.addEventListener('execution_error', (e) => { window.__inversionDone = e.detail; });
+        return true;
+    })()""")
+    page.evaluate("window.comfyAPI.app.app.queuePrompt(0, 1)")
+    node = f"window.comfyAPI.app.app.graph.getNodeById({node_id})"
+    page.wait_for("window.__inversionEvents.length > 0 || window.__inversionDone", timeout=400)
+    done = page.wait_for("window.__inversionDone", timeout=600)
+    assert done == "success", f"{done}\n{server.log_tail()}"
+    events = page.evaluate("window.__inversionEvents")
+    assert events and all(e["node"] == str(node_id) and e["kind"] == "train" for e in events)
+    assert [e["step"] for e in events] == list(range(1, len(events) + 1))
+    page.pump(1.0)
+    assert _chart_pixels(page, node) > 50
+    page.evaluate(f"""(() => {{  // zoom to 100 % on the trainer, its chart (at the bottom) in view
+        const c = window.comfyAPI.app.app.canvas, n = {node};
+        c.ds.scale = 1;
+        c.ds.offset = [80 - n.pos[0], c.canvas.getBoundingClientRect().height - 30 - n.pos[1] - n.size[1]];
+        c.setDirty(true, true);
+        return true;
+    }})()""")
+    page.pump(1.0)
+    rect = page.evaluate(f"""(() => {{
+        const c = {node}.widgets.find((w) => w.name === 'inversion_chart').element.getBoundingClientRect();
+        return {{x: c.x, y: c.y, width: c.width, height: c.height}};
+    }})()""")
+    page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart.png"))
+    if rect["width"] > 0 and rect["height"] > 0:
+        page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart_widget.png"), clip=rect)
+
+    # a page reload restores the workflow; the chart comes back from the node's output in /history
+    page.goto(server.url)
+    page.wait_for("window.app && window.app.graph && window.app.graph.nodes.length > 0", 120)
+    page.wait_for(f"(() => {{ const n = {node}; return !!n && n.widgets.find((w) => w.name === "
+                  f"'inversion_chart').value?.steps?.length > 0; }})()", timeout=60)
+    page.pump(1.0)
+    assert _chart_pixels(page, node) > 50
+    page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart_after_reload.png"))
+    assert not _pack_errors(page), _pack_errors(page)

@@ -1,0 +1,189 @@
+"""The example workflows, the help pages and the web folder.
+
+Every workflow in ``example_workflows/`` is checked node by node and link by link against node
+schemas: a real ComfyUI's ``/object_info`` (this pack installed) when ``COMFYUI_PATH`` is set, else
+the snapshot ``tests/workflow_nodes.json`` that ``tools/build_examples.py`` writes from one.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from workflow_check import FRONTEND_ONLY, check_workflow, pack_node_ids, widget_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+SNAPSHOT = os.path.join(ROOT, "tests", "workflow_nodes.json")
+PACK_IDS = pack_node_ids(ROOT)
+# One workflow per task of the issue (stem -> node types it must use).
+TASKS = {
+    "01_vanilla_textual_inversion": {"InversionTrainTextualInversion"},
+    "02_profile_then_high_grad": {"InversionGradNormProfiler", "InversionTrainTextualInversion"},
+    "03_adaptive_timesteps": {"InversionTrainTextualInversion"},
+    "04_directional_ti_class_prior": {"InversionTrainTextualInversion", "InversionCaptionInit"},
+    "05_caption_initialisation": {"InversionCaptionInit", "InversionTrainTextualInversion"},
+    "06_use_learned_embedding": {"InversionLoadEmbedding", "InversionApplyLearnedEmbedding", "CLIPTextEncode"},
+    "07_slerp_between_concepts": {"InversionEmbeddingSlerp"},
+    "08_ovi_prior_sd21_unclip": {"InversionOVIPrior", "unCLIPCheckpointLoader", "unCLIPConditioning"},
+    "09_sdxl_training": {"InversionTrainTextualInversion"},
+}
+METHOD = {"01": "vanilla", "02": "high_grad", "03": "adaptive", "04": "directional"}
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _load(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def live_schemas(tmp_path_factory):
+    """/object_info of a real ComfyUI with the pack installed, or None without COMFYUI_PATH."""
+    spec = importlib.util.spec_from_file_location("inversion_server_process",
+                                                  os.path.join(ROOT, "tests", "comfy", "server_process.py"))
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    if sp.comfyui_path() is None:
+        return None
+    return sp.object_info(str(tmp_path_factory.mktemp("object-info")))
+
+
+@pytest.fixture(scope="module")
+def schemas(live_schemas):
+    return live_schemas if live_schemas is not None else _load(SNAPSHOT)
+
+
+def test_one_workflow_per_task_with_a_note_and_a_thumbnail():
+    assert sorted(_stem(p) for p in WORKFLOWS) == sorted(TASKS)
+    for path in WORKFLOWS:
+        wf = _load(path)
+        types = {n["type"] for n in wf["nodes"]}
+        assert TASKS[_stem(path)] <= types, _stem(path)
+        notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+        assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 200, _stem(path)
+        thumb = os.path.splitext(path)[0] + ".jpg"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size == (640, 480)
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 60  # a picture of the graph, not a blank frame
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_stem)
+def test_workflow_is_valid(path, schemas):
+    wf = _load(path)
+    assert check_workflow(wf, schemas) == []
+    for n in wf["nodes"]:
+        t = n["type"]
+        if t in FRONTEND_ONLY:
+            continue
+        module = schemas[t]["python_module"]
+        # only stock ComfyUI nodes and this pack's
+        assert module in ("nodes",) or module.startswith(("comfy_extras.", "comfy_api_nodes.")) \
+            or (module.startswith("custom_nodes.") and t in PACK_IDS), (t, module)
+
+
+@pytest.mark.parametrize("prefix,method", sorted(METHOD.items()))
+def test_training_workflows_use_their_method(prefix, method):
+    wf = _load(next(p for p in WORKFLOWS if _stem(p).startswith(prefix)))
+    schemas = _load(SNAPSHOT)
+    train = next(n for n in wf["nodes"] if n["type"] == "InversionTrainTextualInversion")
+    names = [name for name, _ in widget_layout(schemas["InversionTrainTextualInversion"])]
+    values = dict(zip(names, train["widgets_values"]))
+    assert values["method"] == method
+    assert values["seed:control_after_generate"] == "fixed"  # re-queueing must not retrain with a new seed
+
+
+def test_snapshot_matches_the_live_schemas(live_schemas):
+    """tests/workflow_nodes.json is what tools/build_examples.py saw; rerun it when a node changes."""
+    if live_schemas is None:
+        pytest.skip("COMFYUI_PATH is not set: no live /object_info to compare with")
+    snapshot = _load(SNAPSHOT)
+    stale = sorted(t for t in snapshot if t in PACK_IDS and snapshot[t] != live_schemas.get(t))
+    assert stale == [], f"node schemas changed: {stale}; run tools/build_examples.py and commit its output"
+
+
+def test_checker_finds_broken_workflows():
+    schemas = _load(SNAPSHOT)
+    wf = _load(next(p for p in WORKFLOWS if "vanilla" in p))
+    assert check_workflow(wf, schemas) == []
+
+    def broken(edit):
+        w = copy.deepcopy(wf)
+        edit(w)
+        return check_workflow(w, schemas)
+
+    def node(w, t):
+        return next(n for n in w["nodes"] if n["type"] == t)
+
+    train = "InversionTrainTextualInversion"
+    assert any("widget values" in p for p in broken(lambda w: node(w, train)["widgets_values"].pop()))
+    assert any("'method'" in p and "not one of" in p
+               for p in broken(lambda w: node(w, train)["widgets_values"].__setitem__(1, "fastest")))
+    assert any("outside" in p for p in broken(lambda w: node(w, train)["widgets_values"].__setitem__(2, 0)))
+    assert any("unknown node type" in p for p in broken(lambda w: node(w, "VAEDecode").__setitem__("type", "Nope")))
+
+    def retype(w):  # wire the chart IMAGE into the trainer's init socket
+        link = next(lk for lk in w["links"] if lk[5] == "INVERSION_INIT")
+        link[5] = "IMAGE"
+    assert any("link typed" in p for p in broken(retype))
+
+    def cross(w):  # the sampler's positive fed by the VAE output
+        link = next(lk for lk in w["links"] if lk[5] == "CONDITIONING")
+        ck = node(w, "CheckpointLoaderSimple")
+        link[1], link[2] = ck["id"], 2
+        ck["outputs"][2]["links"].append(link[0])
+    assert any("expects 'CONDITIONING'" in p for p in broken(cross))
+
+    def unlink(w):
+        ins = node(w, train)["inputs"]
+        slot = next(s for s in ins if s["name"] == "vae")
+        lid = slot["link"]
+        slot["link"] = None
+        w["links"] = [lk for lk in w["links"] if lk[0] != lid]
+        for n in w["nodes"]:
+            for o in n.get("outputs") or []:
+                o["links"] = [x for x in o.get("links") or [] if x != lid]
+    assert any("required input 'vae' is not connected" in p for p in broken(unlink))
+
+
+def test_every_node_has_a_help_page(live_schemas):
+    for node_id in sorted(PACK_IDS):
+        path = os.path.join(ROOT, "web", "docs", f"{node_id}.md")
+        assert os.path.isfile(path), f"missing help page web/docs/{node_id}.md"
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        assert text.startswith("# ") and "## Inputs" in text and "## Outputs" in text, node_id
+        if live_schemas is not None:
+            info = live_schemas[node_id]
+            assert text.startswith(f"# {info['display_name']}\n")
+            for group in ("required", "optional"):
+                for name in info["input"].get(group, {}):
+                    assert f"**{name}**" in text, f"{node_id}: input {name!r} is not documented"
+
+
+def test_web_folder_holds_only_extension_modules_and_docs():
+    """The frontend loads every .js under web/; help pages are web/docs/<NodeId>.md."""
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "web")):
+        rel = os.path.relpath(dirpath, ROOT).replace(os.sep, "/")
+        for fn in files:
+            if rel == "web/docs":
+                assert fn.endswith(".md") and fn[:-3] in PACK_IDS, f"{rel}/{fn}"
+            else:
+                assert rel == "web/js" and fn.endswith(".js"), f"{rel}/{fn}"
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    src = f.read()
+                # ES module, comfyAPI only: no imports of the frontend's /scripts/*.js shims
+                assert not re.search(r"^\s*import\s", src, re.M), fn
+                assert "window.comfyAPI" in src and "registerExtension" in src, fn
+                assert src.isascii(), fn

@@ -1,0 +1,290 @@
+"""The example workflows, as data: nodes (type, widget values by name) and links (by socket name).
+
+``tools/build_examples.py`` turns each into the JSON the ComfyUI editor saves. Every workflow has a
+Note that says what it does and what to change first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class N:
+    """A node: a key for links, its type, widget values by name, and optional column/title."""
+
+    key: str
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+    col: int | None = None  # layout column; default: depth along the links within its row
+    size: tuple[int, int] | None = None
+    row: int = 0  # layout band: rows are stacked top to bottom
+
+
+@dataclass
+class W:
+    stem: str
+    nodes: list[N]  # the first is the Note that explains the workflow
+    links: list[tuple[str, str, str, str]]  # (from key, output name, to key, input name)
+
+
+def note(*paragraphs: str, size: tuple[int, int] = (440, 320)) -> N:
+    return N("note", "Note", {"text": "\n\n".join(paragraphs)}, col=0, size=size)
+
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+UNCLIP = "sd21-unclip-h.ckpt"
+CONCEPT = "my-concept"
+
+
+def load_images(size: int = 512) -> N:
+    return N("images", "InversionLoadConceptImages", {"folder": CONCEPT, "size": size, "fit": "crop",
+                                                       "alpha_as_mask": True})
+
+
+def train(method: str, steps: int, **widgets: Any) -> N:
+    w = {"name": CONCEPT, "method": method, "steps": steps, "batch_size": 1, "learning_rate": 0.0, "seed": 0,
+         "control_after_generate": "fixed", "templates": "object", "if_exists": "error", "checkpoint_every": 100}
+    w.update(widgets)
+    return N("train", "InversionTrainTextualInversion", w)
+
+
+TRAIN_LINKS = [
+    ("ckpt", "MODEL", "train", "model"), ("ckpt", "CLIP", "train", "clip"), ("ckpt", "VAE", "train", "vae"),
+    ("images", "images", "train", "images"), ("images", "masks", "train", "masks"),
+    ("ckpt", "CLIP", "init", "clip"), ("init", "init", "train", "init"),
+    ("train", "chart", "chart", "images"),
+]
+
+
+def sample_nodes(prompt: str, size: int = 512, cfg: float = 7.0, steps: int = 25) -> list[N]:
+    """Try the concept at once: Apply Learned Embedding -> CLIP Text Encode -> KSampler -> Save."""
+    nodes = [
+        N("apply", "InversionApplyLearnedEmbedding", {"trigger": CONCEPT, "strength": 1.0}),
+        N("pos", "CLIPTextEncode", {"text": prompt}),
+        N("neg", "CLIPTextEncode", {"text": "blurry, low quality, watermark, text"}),
+        N("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 4}),
+        N("sampler", "KSampler", {"seed": 1, "control_after_generate": "fixed", "steps": steps, "cfg": cfg,
+                                  "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
+        N("decode", "VAEDecode"),
+        N("save", "SaveImage", {"filename_prefix": f"inversion/{CONCEPT}"}),
+    ]
+    for n in nodes:
+        n.row = 1  # below the training nodes
+    return nodes
+
+
+SAMPLE_LINKS = [
+    ("ckpt", "CLIP", "apply", "clip"), ("train", "embedding", "apply", "embedding"),
+    ("apply", "clip", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"),
+    ("ckpt", "MODEL", "sampler", "model"), ("pos", "CONDITIONING", "sampler", "positive"),
+    ("neg", "CONDITIONING", "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
+    ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"), ("decode", "IMAGE", "save", "images"),
+]
+
+SETUP = (f"Put 3-6 varied photos of your concept in ComfyUI/input/{CONCEPT}/ (or type an absolute folder in "
+         "Load Concept Images), pick your checkpoint, set a name in Train Textual Inversion, then Queue. "
+         "The chart on the trainer shows the loss live.")
+USE = (f"The embedding is saved to models/embeddings/{CONCEPT}.safetensors: write embedding:{CONCEPT} in any "
+       f"prompt, or use the trigger word '{CONCEPT}' through Apply Learned Embedding, as the sampler on the right "
+       "does. if_exists = error never overwrites a file; choose 'resume' to continue training it.")
+
+
+WORKFLOWS: list[W] = [
+    W("01_vanilla_textual_inversion", [
+        note("VANILLA TEXTUAL INVERSION (Gal et al., An Image is Worth One Word)",
+             "Learns one new word for your concept: the vectors start from the init text in Caption Init "
+             "(one vector per token), timesteps are drawn uniformly from [0, 1000) and AdamW updates the "
+             "vectors. The reference method: comparable with A1111 and diffusers; the other examples converge "
+             "faster.", SETUP, USE),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        train("vanilla", 3000),
+        N("chart", "PreviewImage"),
+        *sample_nodes(f"a photo of {CONCEPT} on a wooden table, sunlight"),
+    ], TRAIN_LINKS + SAMPLE_LINKS),
+
+    W("02_profile_then_high_grad", [
+        note("PROFILE, THEN TRAIN ON THE HIGH-GRAD WINDOW (Wang & Kalogeiton, Conditional Gradient-based TI)",
+             "Gradient Norm Profiler measures g(t), how strongly the prompt steers the model at each timestep, "
+             "on your images (about bins x samples_per_bin / batch_size training steps). Its chart shows g(t) "
+             "with its spread and the best window. Train Textual Inversion with method = high_grad then samples "
+             "only that window (width 'window', 100 in the paper), which converges in far fewer steps than "
+             "uniform sampling.",
+             "interval_start / interval_end on the profiler are the suggested window; the profile output also "
+             "seeds the adaptive methods.", SETUP, USE),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        N("profiler", "InversionGradNormProfiler", {"bins": 20, "samples_per_bin": 4, "batch_size": 4, "window": 100,
+                                                    "seed": 0, "control_after_generate": "fixed",
+                                                    "templates": "object"}),
+        N("profile_chart", "PreviewImage"),
+        train("high_grad", 1000, window=100),
+        N("chart", "PreviewImage"),
+    ], TRAIN_LINKS + [
+        ("ckpt", "MODEL", "profiler", "model"), ("ckpt", "CLIP", "profiler", "clip"),
+        ("ckpt", "VAE", "profiler", "vae"), ("images", "images", "profiler", "images"),
+        ("images", "masks", "profiler", "masks"), ("init", "init", "profiler", "init"),
+        ("profiler", "profile", "train", "profile"), ("profiler", "chart", "profile_chart", "images"),
+    ]),
+
+    W("03_adaptive_timesteps", [
+        note("ADAPTIVE TIMESTEP SAMPLING (Wang & Kalogeiton, Eq. 5)",
+             "The default method: timesteps are drawn with probability proportional to g(t), which the trainer "
+             "estimates from the gradients it computes anyway (no profiling run, no extra passes). A share of "
+             "uniform draws ('explore') keeps every bin measured. The chart on the trainer shows the running g(t) "
+             "estimate per bin next to the loss and the sampled timesteps.",
+             "adaptive_bins sets the resolution of the estimate (20 bins of 50 timesteps).", SETUP, USE),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        train("adaptive", 1000, adaptive_bins=20),
+        N("chart", "PreviewImage"),
+        *sample_nodes(f"a photo of {CONCEPT} in a snowy forest"),
+    ], TRAIN_LINKS + SAMPLE_LINKS),
+
+    W("04_directional_ti_class_prior", [
+        note("DIRECTIONAL TEXTUAL INVERSION with a class-word prior (DTI, ICLR 2026)",
+             "The learned vectors keep the norm of real words (m*, the vocabulary's mean norm) and only their "
+             "direction is trained, with Riemannian SGD on the sphere; a von Mises-Fisher prior (kappa) pulls "
+             "the direction toward the class word. Embeddings stay in-distribution, so prompts such as 'a "
+             "watercolor of <concept> in the snow' keep their style and context.",
+             "Set class_word to what the concept is ('toy', 'dog', 'mug'); empty takes Caption Init's class "
+             "word. The chart shows the vector norm sitting on m* (dashed). learning_rate 0 = 0.01 rad per step.",
+             SETUP, USE),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a plush toy", "class_word": "toy"}),
+        train("directional", 1000, class_word="toy", kappa=1e-4),
+        N("chart", "PreviewImage"),
+        *sample_nodes(f"a watercolor painting of {CONCEPT} in the snow"),
+    ], TRAIN_LINKS + SAMPLE_LINKS),
+
+    W("05_caption_initialisation", [
+        note("CAPTION INITIALISATION (Qiu et al., An Image is Worth One Sentence)",
+             "Instead of one hand-picked word, the embedding starts as a whole sentence: Caption Init describes "
+             "your images with a local captioning model and makes one vector per token of the caption, so "
+             "training starts close to the concept and needs fewer steps.",
+             "Put a transformers captioning model folder (BLIP, BLIP-2, GIT or Florence-2) in "
+             "models/captioners/, e.g. models/captioners/blip-image-captioning-large/, then pick it in "
+             "'captioner'. Nothing is downloaded. mode = class uses an open_clip model in models/open_clip "
+             "instead and takes the top ImageNet label (or your own labels). The captions preview lists every "
+             "image's caption; 'choose' picks one (-1 = consensus).", SETUP, USE, size=(460, 400)),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "caption", "text": "", "choose": -1, "max_new_tokens": 30}),
+        N("captions", "PreviewAny"),
+        train("adaptive", 600),
+        N("chart", "PreviewImage"),
+    ], TRAIN_LINKS + [("images", "images", "init", "images"), ("init", "captions", "captions", "source")]),
+
+    W("06_use_learned_embedding", [
+        note("USE A LEARNED EMBEDDING in a normal text-to-image graph",
+             f"Simplest: write embedding:{CONCEPT} in any CLIP Text Encode (a space or the start of the prompt "
+             "before 'embedding:'), with the model family it was trained on. ComfyUI, A1111/Forge and "
+             "InvokeAI read the same file.",
+             "This graph does it the other way: Load Embedding reads the file and Apply Learned Embedding gives a "
+             f"CLIP that understands the bare trigger word '{CONCEPT}'. ComfyUI then re-runs the prompt whenever "
+             "the embedding changes (an overwritten file alone is not noticed by its cache), and 'strength' "
+             "weights the concept.", size=(440, 300)),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        N("load", "InversionLoadEmbedding", {"file": f"{CONCEPT}.safetensors"}),
+        N("apply", "InversionApplyLearnedEmbedding", {"trigger": CONCEPT, "strength": 1.0}),
+        N("pos", "CLIPTextEncode", {"text": f"a photo of {CONCEPT} on a beach at sunset, detailed"}),
+        N("neg", "CLIPTextEncode", {"text": "blurry, low quality, watermark, text"}),
+        N("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}),
+        N("sampler", "KSampler", {"seed": 1, "control_after_generate": "randomize", "steps": 25, "cfg": 7.0,
+                                  "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
+        N("decode", "VAEDecode"),
+        N("save", "SaveImage", {"filename_prefix": f"inversion/{CONCEPT}"}),
+    ], [
+        ("ckpt", "CLIP", "apply", "clip"), ("load", "embedding", "apply", "embedding"),
+        ("apply", "clip", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"), ("ckpt", "MODEL", "sampler", "model"),
+        ("pos", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+        ("latent", "LATENT", "sampler", "latent_image"), ("sampler", "LATENT", "decode", "samples"),
+        ("ckpt", "VAE", "decode", "vae"), ("decode", "IMAGE", "save", "images"),
+    ]),
+
+    W("07_slerp_between_concepts", [
+        note("SLERP BETWEEN TWO CONCEPTS (Directional TI)",
+             "Embedding Slerp blends two learned concepts of the same model and vector count along the great "
+             "circle between their directions (norms are interpolated linearly): alpha 0 = concept a, 1 = "
+             "concept b. Directional TI embeddings interpolate most smoothly.",
+             "Train two concepts first (e.g. 04_directional_ti_class_prior twice, named concept-a and concept-b), "
+             "then pick their files here. Save Embedding writes a blend you like to models/embeddings.",
+             size=(440, 300)),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        N("a", "InversionLoadEmbedding", {"file": "concept-a.safetensors"}),
+        N("b", "InversionLoadEmbedding", {"file": "concept-b.safetensors"}),
+        N("slerp", "InversionEmbeddingSlerp", {"alpha": 0.5, "name": "a-b-blend"}),
+        N("apply", "InversionApplyLearnedEmbedding", {"trigger": "a-b-blend", "strength": 1.0}),
+        N("pos", "CLIPTextEncode", {"text": "a photo of a-b-blend on a table"}),
+        N("neg", "CLIPTextEncode", {"text": "blurry, low quality, watermark, text"}),
+        N("latent", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}),
+        N("sampler", "KSampler", {"seed": 1, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0,
+                                  "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
+        N("decode", "VAEDecode"),
+        N("save", "SaveImage", {"filename_prefix": "inversion/a-b-blend"}),
+    ], [
+        ("a", "embedding", "slerp", "a"), ("b", "embedding", "slerp", "b"),
+        ("ckpt", "CLIP", "apply", "clip"), ("slerp", "embedding", "apply", "embedding"),
+        ("apply", "clip", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"), ("ckpt", "MODEL", "sampler", "model"),
+        ("pos", "CONDITIONING", "sampler", "positive"), ("neg", "CONDITIONING", "sampler", "negative"),
+        ("latent", "LATENT", "sampler", "latent_image"), ("sampler", "LATENT", "decode", "samples"),
+        ("ckpt", "VAE", "decode", "vae"), ("decode", "IMAGE", "save", "images"),
+    ]),
+
+    W("08_ovi_prior_sd21_unclip", [
+        note("OVI: TEXT-TO-IMAGE WITH AN unCLIP MODEL, NO IMAGE AND NO PRIOR (Dell'Erba & Bagdanov)",
+             "unCLIP checkpoints are conditioned on a CLIP image embedding. OVI Prior finds one for your prompt "
+             "by optimising pseudo-tokens through the CLIP vision model until its image embedding matches the "
+             "prompt's text embedding (cosine similarity, charted per step); unCLIPConditioning then feeds it to "
+             "the model with the same prompt.",
+             f"Needs the SD2.1 unCLIP-H checkpoint ({UNCLIP}) in models/checkpoints: its CLIP (ViT-H text side) "
+             "and CLIP vision model share one space. Optional constraints: build statistics of your own images "
+             "with Build Image Stats, pick them in image_stats, and set lambda_m (Mahalanobis, ~0.009) or "
+             "lambda_n (nearest neighbour, ~0.5); lambda_m >= 0.05 collapses to a generic image.",
+             size=(460, 360)),
+        N("ckpt", "unCLIPCheckpointLoader", {"ckpt_name": UNCLIP}),
+        N("ovi", "InversionOVIPrior", {"prompt": "a red fox sitting in fresh snow, golden hour", "num_tokens": 1,
+                                       "steps": 300, "lr": 0.05, "lambda_m": 0.0, "lambda_n": 0.0}),
+        N("sim_chart", "PreviewImage"),
+        N("pos", "CLIPTextEncode", {"text": "a red fox sitting in fresh snow, golden hour"}),
+        N("neg", "CLIPTextEncode", {"text": "blurry, low quality"}),
+        N("unclip", "unCLIPConditioning", {"strength": 1.0, "noise_augmentation": 0.0}),
+        N("latent", "EmptyLatentImage", {"width": 768, "height": 768, "batch_size": 2}),
+        N("sampler", "KSampler", {"seed": 1, "control_after_generate": "fixed", "steps": 30, "cfg": 7.0,
+                                  "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
+        N("decode", "VAEDecode"),
+        N("save", "SaveImage", {"filename_prefix": "inversion/ovi"}),
+    ], [
+        ("ckpt", "CLIP_VISION", "ovi", "clip_vision"), ("ckpt", "CLIP", "ovi", "clip"),
+        ("ovi", "similarity_chart", "sim_chart", "images"),
+        ("ckpt", "CLIP", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"),
+        ("pos", "CONDITIONING", "unclip", "conditioning"), ("ovi", "clip_vision_output", "unclip", "clip_vision_output"),
+        ("ckpt", "MODEL", "sampler", "model"), ("unclip", "CONDITIONING", "sampler", "positive"),
+        ("neg", "CONDITIONING", "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
+        ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"), ("decode", "IMAGE", "save", "images"),
+    ]),
+
+    W("09_sdxl_training", [
+        note("SDXL TEXTUAL INVERSION",
+             "Same graph as SD1.5 with an SDXL checkpoint: the embedding gets vectors for both text encoders "
+             "(clip_l 768-d and clip_g 1280-d) and the file carries both, as ComfyUI, A1111/Forge and diffusers "
+             "expect for SDXL.",
+             "Memory: training back-propagates through the UNet at the image size; if 1024 px does not fit, "
+             "set 768 in Load Concept Images (about half the activations, faster); the embedding still works "
+             "at 1024 afterwards. An SDXL embedding only works with SDXL checkpoints.", SETUP, USE),
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}),
+        load_images(1024),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        train("adaptive", 800),
+        N("chart", "PreviewImage"),
+        *sample_nodes(f"a photo of {CONCEPT} on a wooden table, sunlight, detailed", size=1024, cfg=6.0, steps=30),
+    ], TRAIN_LINKS + SAMPLE_LINKS),
+]

@@ -1,0 +1,235 @@
+"""Hand-written parts of the node help pages (``web/docs/<NodeId>.md``).
+
+``tools/build_examples.py --docs`` writes each page: the title and description from the node's
+schema, the prose below, then tables of its inputs and outputs (name, type, default, tooltip)
+generated from the live schema, so the help never lists an input the node does not have.
+"""
+
+from __future__ import annotations
+
+PAPERS = {
+    "000": "Wang & Kalogeiton, *Conditional Gradient-based Textual Inversion* (ECCV-W 2024)",
+    "001": "Qiu, Guo & Wei, *An Image is Worth One Sentence: Fast Textual Inversion with Supreme Initialization*",
+    "002": "*Directional Textual Inversion* (ICLR 2026, arXiv 2512.13672)",
+    "003": "Arar et al., *Domain-Agnostic Tuning-Encoder for Fast Personalization*",
+    "004": "Dell'Erba & Bagdanov, *Training-Free Diffusion Priors via Optimization-based Visual Inversion*",
+    "gal": "Gal et al., *An Image is Worth One Word* (ICLR 2023)",
+}
+
+DOCS: dict[str, dict[str, str]] = {
+    "InversionLoadConceptImages": {
+        "body": """\
+## How to use
+
+Put 3-6 pictures of the concept in a folder inside ComfyUI's `input` directory (for example
+`input/my-concept/`) and type the folder name, or an absolute path. Vary the background, the
+angle and the lighting: whatever all pictures share becomes part of the learned word.
+
+- **size** is the training resolution: 512 for SD1.x, 768 for SD2.x-768, 1024 (or 768 to save
+  memory) for SDXL. The same value also sets the cost of every training step.
+- **fit = pad** keeps the whole picture; the white borders are masked out of the loss.
+- Pictures with transparency (PNG) give a mask for free: only the object is learned
+  (**alpha_as_mask**).
+- Connect **images** (and **masks**) instead of a folder to use Load Image nodes or any IMAGE batch.
+
+Wire **images** and **masks** into Train Textual Inversion and Gradient Norm Profiler.
+""",
+    },
+    "InversionCaptionInit": {
+        "body": """\
+## Why initialisation matters
+
+Textual inversion starts from existing token vectors and moves them toward the concept. Starting
+from a good description means fewer steps: with one vector per token of a caption (Qiu et al.)
+the embedding already says "a red plush toy dinosaur" before training begins.
+
+## Modes
+
+- **manual**: type the init text ("a toy", "a ceramic mug"); one vector per token.
+- **caption**: a local captioning model describes the connected images. Put a transformers
+  folder (BLIP, BLIP-2, GIT or Florence-2) in `models/captioners/`, e.g.
+  `models/captioners/blip-image-captioning-large/`. Nothing is ever downloaded.
+- **class**: an open_clip model from `models/open_clip/` classifies the images zero-shot over the
+  ImageNet classes shipped with the pack, or over your **labels**; the top label is the init text.
+
+A **mask** crops each image to the object first (the paper's "click on the object"). With several
+images, **choose** = -1 takes the consensus; the **captions** output lists each image's result
+with its number. **class_word** is passed to Directional TI as its prior direction.
+
+Longer init texts mean more vectors (k): more capacity, slightly slower steps, and a concept that
+takes k positions in every prompt.
+""",
+        "paper": "001",
+    },
+    "InversionGradNormProfiler": {
+        "body": """\
+## What it measures
+
+For each timestep bin it draws images, prompts, noise and t, and measures
+g(t) = E || grad_c || eps_hat(x_t, t, c) - eps || ||: how much the text conditioning can change the model's
+prediction at that noise level. Timesteps with large g(t) are where a learned word has an
+effect; training there converges faster (the paper's high-grad interval).
+
+When it finishes, the chart on the node (and the **chart** image) shows the mean g(t) per bin
+with a +-1 std band; the highlighted window is the best interval of width **window**, also given
+as **interval_start** / **interval_end**.
+
+## Using the profile
+
+- Train Textual Inversion with **method = high_grad** (or high_grad_directional) needs it: it
+  trains only inside the window.
+- The adaptive methods use it as their starting estimate (optional).
+
+Cost: about bins x samples_per_bin / batch_size training steps (80 steps' worth by default).
+The profile depends on the model and, less, on the images; re-profile when you change the
+checkpoint.
+""",
+        "paper": "000",
+    },
+    "InversionTrainTextualInversion": {
+        "body": """\
+## What it does
+
+Learns the vectors of a new word for the concept in **images**, starting from **init**, and
+saves `models/embeddings/<name>.safetensors` (SD1.x / SD2.x: one tensor; SDXL: `clip_l` and
+`clip_g`). Use it as `embedding:<name>` in any prompt, or wire the **embedding** output into
+Apply Learned Embedding to try it at once. The chart on the node is drawn live: the loss and its
+moving average, the timesteps sampled so far, the adaptive sampler's g(t) estimate and the
+vector norm (with DTI's fixed norm m*). It comes back after a page reload.
+
+## Choosing a method
+
+| method | use it when |
+|---|---|
+| `adaptive` (default) | fastest convergence without a profiling run: t ~ g(t), measured while training |
+| `high_grad` | you ran Gradient Norm Profiler: trains on its best window |
+| `directional` | prompts must stay faithful (styles, scenes): fixed norm, Riemannian SGD, vMF prior to **class_word** |
+| `adaptive_directional`, `high_grad_directional` | both at once |
+| `vanilla` | results comparable with A1111 / diffusers |
+| `interval`, `single_step` | the paper's baselines ([350, 450], t = 400, ...) |
+| `directional_adamw` | DTI's ablation |
+
+Parameters that only some methods read: **interval_start/end** (interval), **single_t**
+(single_step), **window** (high_grad*), **adaptive_bins** (adaptive*), **kappa** and
+**class_word** (directional*). **learning_rate** 0 picks the method's own default.
+
+## Steps and time
+
+Typical: 500-1500 steps for adaptive / high_grad, 2000-5000 for vanilla. **batch_size** > 1
+averages more images per step (smoother, proportionally slower). **checkpoint_every** saves the
+embedding and a `.state` file so an interrupted run can continue with **if_exists = resume**.
+Cancel stops after the current step and keeps the last good vectors in the file.
+
+## Regularisers
+
+**l2_weight** penalises large vectors; **contrastive_weight** keeps each vector near real words
+(nearest-neighbour contrastive loss). Both help a concept combine with other words in prompts.
+
+## If the concept does not show
+
+Use a prompt like "a photo of embedding:<name>" with the same model family; train longer or with
+a more specific init text; check the loss chart went down; vary the training images more if
+the background leaks in.
+""",
+        "paper": "000 002 003 gal",
+    },
+    "InversionApplyLearnedEmbedding": {
+        "body": """\
+## How to use
+
+Put it between the checkpoint's CLIP and your CLIP Text Encode nodes. Prompts encoded with the
+output CLIP understand the **trigger** word (bare, or as `embedding:<trigger>`) as the learned
+vectors: "a photo of my-concept on a beach".
+
+- No file is written or read: the embedding comes straight from the trainer, Load Embedding or
+  Embedding Slerp.
+- Because the output is a new CLIP object, ComfyUI re-encodes the prompt whenever the embedding
+  changes; an embedding file overwritten on disk alone is not noticed by ComfyUI's cache.
+- **strength** weights the concept's tokens like `(word:1.2)`.
+- The trigger must not be a word CLIP already knows, and the embedding must match the CLIP's
+  model family (an SDXL embedding needs an SDXL CLIP).
+""",
+    },
+    "InversionSaveEmbedding": {
+        "body": """\
+## Formats
+
+- **auto**: SD1.x / SD2.x embeddings as one tensor (`emb_params`), SDXL as `clip_l` + `clip_g`:
+  the files ComfyUI (`embedding:<name>`), A1111/Forge, SD.Next and InvokeAI load.
+- **single**: always one tensor (the first text encoder's).
+- **sdxl**: the two-tensor SDXL layout.
+- **diffusers**: `{token: vectors}`, for diffusers' `load_textual_inversion`.
+
+Existing files are never replaced unless **overwrite** is on. The trainer already saves its
+result; use this node for blends (Embedding Slerp) or to export another format.
+""",
+    },
+    "InversionLoadEmbedding": {
+        "body": """\
+## What it reads
+
+Any embedding file in `models/embeddings`: this pack's `.safetensors`, ComfyUI/A1111 `.pt` and
+`.safetensors`, SDXL two-tensor files, kohya and InvokeAI files, and diffusers
+`learned_embeds.bin` / `.safetensors`. Pickled `.pt` files are opened with
+`torch.load(weights_only=True)`, which refuses code.
+
+Use the output with Apply Learned Embedding, Embedding Slerp or Save Embedding (to convert the
+format). Refresh the node list (R) after adding files.
+""",
+    },
+    "InversionEmbeddingSlerp": {
+        "body": """\
+## How it blends
+
+Each vector of **a** and **b** is split into a direction and a norm; directions are interpolated
+along the great circle between them (spherical linear interpolation), norms linearly. The blend
+stays at the norm of real words, which keeps it usable in prompts; plain averaging shrinks the
+vectors. Directional TI embeddings blend most smoothly.
+
+Both embeddings must come from the same model family and have the same number of vectors.
+Sweep **alpha** from 0 to 1 for a morph between the concepts.
+""",
+        "paper": "002",
+    },
+    "InversionOVIPrior": {
+        "body": """\
+## What it does
+
+unCLIP checkpoints (SD2.1 unCLIP) are conditioned on a CLIP image embedding instead of (or with)
+text; normally that embedding comes from an image or from a separately trained prior. OVI makes
+one from the prompt alone: it optimises a few pseudo-tokens through the CLIP vision model until
+its image embedding has the highest cosine similarity with the prompt's text embedding. The
+**similarity_chart** shows that similarity per step.
+
+## Wiring
+
+unCLIPCheckpointLoader (`sd21-unclip-h.ckpt`) -> its CLIP_VISION into **clip_vision**, its CLIP into
+**clip**; the output into unCLIPConditioning together with the encoded prompt. The text side must
+live in the vision model's space: an SD2.x CLIP for `clip_vision_h` (or an open_clip text encoder
+from `models/open_clip`); an SD1 CLIP is refused.
+
+## Constraints
+
+With statistics of real images (Build Image Stats -> **image_stats**): **lambda_m** pulls the
+embedding toward their distribution (Mahalanobis; ~0.009; >= 0.05 collapses every prompt to a
+generic image), **lambda_n** toward the nearest real embeddings (~0.5). More **num_tokens** reach
+a higher similarity but drift further from real images.
+""",
+        "paper": "004",
+    },
+    "InversionBuildImageStats": {
+        "body": """\
+## What it makes
+
+Encodes your images with the CLIP vision model and saves their mean, a shrunk covariance (so a
+few dozen images suffice) and the embeddings themselves to
+`models/ovi_stats/<name>.safetensors`. OVI Prior's **lambda_m** (Mahalanobis) and **lambda_n**
+(nearest neighbour) constraints read it. Use images of the kind you want to generate; no dataset
+download is needed.
+
+Use the same CLIP vision model as OVI Prior. Refresh the node list (R) afterwards so the file
+appears in OVI Prior's **image_stats**.
+""",
+        "paper": "004",
+    },
+}
