@@ -23,7 +23,12 @@ import sys
 import tempfile
 import time
 
-import torch
+# On a machine shared with other jobs, OpenMP threads that spin while waiting for a descheduled
+# sibling make single steps up to 10x slower at random; passive waiting keeps the measurements
+# steady (set before torch starts its thread pool; an explicit setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +129,8 @@ def main() -> None:
     # and each repetition's own ratio compares parts measured seconds apart.
     floor_min = min(te_s) + min(unet_s)
     per_rep = [s / (a + b) for a, b, s in zip(te_s, unet_s, step_s)]
-    print(f"SD1.5 random, batch {B}, {args.size}x{args.size}, k={k}, {args.reps} reps, torch threads {torch.get_num_threads()}")
+    print(f"SD1.5 random, batch {B}, {args.size}x{args.size}, k={k}, {args.reps} reps, torch threads "
+          f"{torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for label, xs in (("floor TE fwd+bwd", te_s), ("floor UNet fwd+bwd", unet_s), ("adapter step", step_s)):
         print(f"  {label:<20} min {min(xs):.3f} s  median {med(xs):.3f} s  (all: {', '.join(f'{x:.2f}' for x in xs)})")
     print(f"  floor (min TE + min UNet) {floor_min:.3f} s")
