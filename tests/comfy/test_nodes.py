@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,10 +130,10 @@ def test_saved_file_works_with_comfyui_embedding_syntax(comfyui, sd15, vanilla):
 
 def test_existing_file_is_never_overwritten_unless_told(comfyui, sd15, vanilla):
     path = vanilla.args[2]
-    before = (os.path.getmtime(path), open(path, "rb").read())
+    before = (os.path.getmtime(path), Path(path).read_bytes())
     with pytest.raises(ValueError, match="already exists.*'overwrite'.*'resume'"):
         _train(comfyui, sd15, "concept-vanilla", if_exists="error")
-    assert (os.path.getmtime(path), open(path, "rb").read()) == before
+    assert (os.path.getmtime(path), Path(path).read_bytes()) == before
     with pytest.raises(ValueError, match="switch 'overwrite' on"):
         run(comfyui, nodes(comfyui).SaveEmbedding, embedding=vanilla.args[0], name="concept-vanilla",
             format="auto", overwrite=False)
