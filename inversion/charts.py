@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["loss_chart", "profile_chart", "similarity_chart", "ema", "nice_ticks", "to_image"]
+__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "ema", "nice_ticks", "to_image"]
 
 # A light theme: these images end up in previews, saved PNGs and READMEs.
 BACKGROUND = (255, 255, 255)
@@ -377,7 +377,8 @@ def _best_window(edges: Sequence[float], mean: Sequence[float], T: int, width: i
 
 
 def profile_chart(profile: Mapping[str, Any] | Any, *, window: tuple[int, int] | None = None,
-                  window_width: int = 100, width: int = 768, height: int = 384) -> torch.Tensor:
+                  window_width: int = 100, width: int = 768, height: int = 384,
+                  title: str | None = None) -> torch.Tensor:
     """A gradient-norm profile g(t) as an image [H, W, 3] float32 in [0, 1].
 
     ``profile``: a ``GradProfile`` or its dict (``edges`` or ``bin_edges``, ``mean``, ``std``,
@@ -401,9 +402,9 @@ def profile_chart(profile: Mapping[str, Any] | Any, *, window: tuple[int, int] |
 
     img, d = _canvas(width, height, "profile chart")
     done = sum(1 for m in mean if math.isfinite(m))
-    head = f"Gradient-norm profile g(t)   {done}/{len(mean)} bins"
+    head = title or f"Gradient-norm profile g(t)   {done}/{len(mean)} bins"
     if window is not None:
-        head += f"   high-grad window [{window[0]}, {window[1]}]"
+        head += f"   {'window' if title else 'high-grad window'} [{window[0]}, {window[1]}]"
     d.text((12, 8), head, fill=TEXT, font=_font(15))
     box = (64, 54, width - 18, height - 44)
     if not done:
@@ -476,3 +477,56 @@ def similarity_chart(values: Sequence[float] | Mapping[str, Sequence[float]], *,
         items.append((name, c))
     ax.legend(items)
     return to_image(img)
+
+
+# --------------------------------------------------------------------------- several curves
+
+# Ten distinguishable hues (Tableau 10), then darker variants: enough for a benchmark's methods.
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (20, 60, 110), (150, 70, 0)]
+REFERENCE = [(60, 60, 60), (150, 150, 150), (110, 30, 30)]
+
+
+def curves_chart(series: Mapping[str, Sequence[float]], x: Sequence[float], *,
+                 references: Mapping[str, float] | None = None, title: str = "", xlabel: str = "step",
+                 width: int = 900, height: int = 420) -> torch.Tensor:
+    """Named curves over a shared ``x`` (e.g. one metric per method against step), with dashed
+    horizontal ``references`` and a legend in a column to the right; an image [H, W, 3] in [0, 1]."""
+    xs = _floats(x)
+    curves = {k: _floats(v) for k, v in series.items()}
+    refs = {k: float(v) for k, v in (references or {}).items() if v is not None and math.isfinite(float(v))}
+    for name, v in curves.items():
+        if len(v) != len(xs):
+            raise ValueError(f"curves_chart: series {name!r} has {len(v)} values for {len(xs)} x values")
+    img, d = _canvas(width, height, "curves chart")
+    small = _font(11)
+    labels = list(curves) + list(refs)
+    legend_w = (int(max(d.textlength(s, font=small) for s in labels)) + 34) if labels else 0
+    box = (58, 40, width - legend_w - 16, height - 40)
+    d.text((12, 8), title, fill=TEXT, font=_font(15))
+    vals = [y for v in curves.values() for y in v] + list(refs.values())
+    if not _finite(vals) or not xs:
+        _message(d, box, "no values")
+        return to_image(img)
+    ax = _Axes(d, box, (min(xs), max(xs)) if len(xs) > 1 else (xs[0] - 1, xs[0] + 1), _limits(vals))
+    ax.frame("", xlabel, xint=all(float(v).is_integer() for v in xs))
+    y = box[1] + 6
+    for i, (name, value) in enumerate(refs.items()):
+        c = REFERENCE[i % len(REFERENCE)]
+        ax.hline(value, c)
+        d.line([(box[2] + 12, y + 7), (box[2] + 18, y + 7)], fill=c, width=2)
+        d.line([(box[2] + 22, y + 7), (box[2] + 28, y + 7)], fill=c, width=2)
+        d.text((box[2] + 32, y + 7), name, fill=TEXT, font=small, anchor="lm")
+        y += 18
+    for i, (name, v) in enumerate(curves.items()):
+        c = PALETTE[i % len(PALETTE)]
+        ax.line(xs, v, c, width=2)
+        for xx, yy in zip(xs, v):
+            if math.isfinite(yy):
+                px, py = ax.px(xx), ax.py(yy)
+                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=c)
+        d.line([(box[2] + 12, y + 7), (box[2] + 28, y + 7)], fill=c, width=3)
+        d.text((box[2] + 32, y + 7), name, fill=TEXT, font=small, anchor="lm")
+        y += 18
+    return to_image(img)
+

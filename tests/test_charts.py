@@ -220,3 +220,15 @@ def test_nice_ticks():
     assert nice_ticks(0.13, 0.47, 4) == pytest.approx([0.2, 0.3, 0.4])
     assert nice_ticks(3, 3) == [3]
     assert nice_ticks(float("nan"), 1) == []
+
+
+def test_curves_chart_draws_every_series_and_checks_lengths():
+    from inversion.charts import PALETTE, curves_chart
+
+    img = curves_chart({"a": [0.1, 0.5, 0.9], "b": [0.2, 0.3, 0.4]}, [0, 10, 20], references={"ref": 0.6},
+                       title="t", width=500, height=300)
+    assert img.shape == (300, 500, 3)
+    pixels = {tuple(int(round(v * 255)) for v in px) for px in img.reshape(-1, 3).tolist()}
+    assert PALETTE[0] in pixels and PALETTE[1] in pixels  # both curves (and their legend swatches)
+    with pytest.raises(ValueError, match="'b' has 2 values for 3"):
+        curves_chart({"a": [1, 2, 3], "b": [1, 2]}, [0, 1, 2])
