@@ -41,3 +41,19 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     from inversion.formats import load_embedding
     emb = load_embedding(tmp_path / "models/embeddings/my-cat.safetensors")
     assert emb.num_vectors == 4 and emb.metadata["steps"] == "3"
+
+
+def test_readme_results_are_the_measured_ones():
+    """The README's results table is the one the benchmark wrote (docs/results/world_methods.md),
+    and every chart and command it points at exists."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = (ROOT / "docs" / "results" / "world_methods.md").read_text(encoding="utf-8").strip()
+    assert table.splitlines()[0].startswith("| method |")
+    assert table in readme, "README's results table differs from docs/results/world_methods.md: paste it again"
+    for img in re.findall(r"\]\((docs/results/[^)]+\.png)\)", readme):
+        assert (ROOT / img).is_file(), img
+    assert re.findall(r"\]\((docs/results/[^)]+\.png)\)", readme), "README shows no result chart"
+    for module in set(re.findall(r"python -m (inversion[\w.]*)", readme)):
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    for script in set(re.findall(r"python (benchmarks/\w+\.py)", readme)):
+        assert (ROOT / script).is_file(), script

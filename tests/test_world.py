@@ -1,0 +1,200 @@
+"""The miniature world: its generator, the shipped model and judge, and the training script."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inversion.embedding import LearnedEmbedding
+from inversion.host import Denoiser, TextEncoder, TextSide
+from inversion.world import render
+from inversion.world.render import (GENERIC, HELD_OUT, HIDDEN_SLOT, NAMED_SHAPES, SHAPES, caption, concept_set, sample_labels,
+                                    training_batch)
+
+# Stated accuracy of the shipped judge on fresh renders (it measures 1.00 on 512; see assets/judge.json).
+JUDGE_MIN_ACCURACY = 0.97
+INVERSION_TEST_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def world():
+    from inversion.world import load_world
+
+    return load_world()
+
+
+def test_generator_is_deterministic():
+    a_img, a_cap, a_lab = training_batch(np.random.default_rng(3), 8)
+    b_img, b_cap, b_lab = training_batch(np.random.default_rng(3), 8)
+    c_img, _, _ = training_batch(np.random.default_rng(4), 8)
+    assert torch.equal(a_img, b_img) and a_cap == b_cap and a_lab == b_lab
+    assert not torch.equal(a_img, c_img)
+    assert a_img.shape == (8, 3, render.IMAGE_SIZE, render.IMAGE_SIZE)
+    assert float(a_img.min()) >= 0 and float(a_img.max()) <= 1
+
+
+def test_captions_never_name_the_held_out_shape():
+    rng = np.random.default_rng(0)
+    held, generic_named = [], 0
+    for _ in range(600):
+        s = sample_labels(rng)
+        cap = caption(s, rng)
+        if SHAPES[s.shape] == HELD_OUT:
+            held.append(cap)
+        elif f" {GENERIC}" in cap:
+            generic_named += 1
+    assert held and all(HELD_OUT not in c for c in held)
+    assert all(not any(name in c.split() for name in NAMED_SHAPES) for c in held)
+    # its training captions use the lost word's slot or the shared generic word, never a real word
+    assert any(HIDDEN_SLOT in c for c in held) and any(f" {GENERIC}" in c for c in held)
+    # "thing" is shared with named shapes, so it is not a name for the held-out one
+    assert generic_named > len(held)
+    full = caption(sample_labels(np.random.default_rng(1), shape=SHAPES.index("star"), colour=0, background=1, size=0))
+    assert full == "a photo of a small red star on a gray background"
+
+
+def test_concept_set_and_errors():
+    imgs, samples = concept_set(5, seed=2, colour="yellow")
+    assert imgs.shape[0] == 5 and all(s.shape_name == HELD_OUT and s.colour_name == "yellow" for s in samples)
+    assert torch.equal(imgs, concept_set(5, seed=2, colour="yellow")[0])
+    with pytest.raises(ValueError, match="colour"):
+        concept_set(3, colour="teal")
+    with pytest.raises(ValueError, match="backgrounds"):
+        concept_set(3, colour="blue", backgrounds=("blue",))
+
+
+def test_shipped_world_loads_and_judge_is_accurate(world):
+    from inversion.world.judge import judge_accuracy
+
+    assert world.encoder.key == "clip_l"
+    assert isinstance(world.encoder, TextEncoder) and isinstance(world.text, TextSide)
+    assert isinstance(world.denoiser, Denoiser) and world.denoiser.num_timesteps == 1000
+    acc = judge_accuracy(world.judge, n=128, seed=777, image_size=world.image_size)
+    assert min(acc.values()) >= JUDGE_MIN_ACCURACY, acc
+    norms = world.vocab_norms()
+    assert len(norms) == len(set(world.word_ids())) and float(norms.min()) > 0
+    # no word of the tokenizer names the held-out shape
+    assert len(world.encoder.tokenize(HELD_OUT)) > 1 and len(world.encoder.tokenize(HIDDEN_SLOT)) > 1
+
+
+def test_placeholder_vectors_plug_in_like_words(world):
+    """A learned vector equal to a word's token row conditions the model exactly as the word does."""
+    star = world.encoder.tokenize("star")
+    assert len(star) == 1
+    emb = LearnedEmbedding("probe", {"clip_l": world.encoder.token_table()[star].detach().clone()}, "<probe>")
+    a = world.conditioning(["a photo of a big red <probe> on a black background"], emb).context
+    b = world.conditioning(["a photo of a big red star on a black background"]).context
+    torch.testing.assert_close(a, b)
+
+
+def test_generation_follows_the_caption(world):
+    """Few images, few DDIM steps: the judge still reads the asked attributes far above chance."""
+    from inversion.world.evaluate import caption_accuracy
+
+    acc = caption_accuracy(world, n=14, seed=5, steps=8)
+    assert acc["colour"] >= 0.6 and acc["background"] >= 0.6, acc  # chance: 1/7
+    assert acc["shape"] >= 0.4, acc  # chance: 1/7
+    assert acc["size"] >= 0.6, acc  # chance: 1/2
+
+
+def test_training_script_round_trip(tmp_path):
+    """Two steps of each training loop write assets that ``load_world`` reads back."""
+    from inversion.world import load_world
+    from inversion.world.judge import JudgeTrainConfig
+    from inversion.world.model import TextConfig, WorldConfig
+    from inversion.world.train import WorldTrainConfig, train_and_save_judge, train_world
+    from inversion.world.unet import UNetConfig
+
+    cfg = WorldConfig(text=TextConfig(hidden=32, layers=1, heads=2, intermediate=64),
+                      unet=UNetConfig(base=16, context_dim=32, heads=2))
+    train_world(str(tmp_path), cfg, WorldTrainConfig(steps=2, batch_size=4, warmup=1), log=None)
+    train_and_save_judge(str(tmp_path), cfg, JudgeTrainConfig(steps=2, batch_size=8), log=None)
+    w = load_world(tmp_path)
+    assert w.encoder.width == 32 and w.unet.config.base == 16
+    out = w.generate(["a photo of a red star"], steps=2)
+    assert out.shape == (1, 3, w.image_size, w.image_size) and torch.isfinite(out).all()
+
+
+def test_ddim_recovers_the_point_an_ideal_denoiser_knows():
+    """With the exact eps of a one-point data distribution, DDIM lands on that point (any guidance)."""
+    from inversion.host import Conditioning
+    from inversion.hosts.hf import ScheduledDenoiser
+    from inversion.schedule import DDPMSchedule
+    from inversion.world.sample import ddim_sample
+
+    sched = DDPMSchedule.make(1000, "cosine")
+    target = torch.linspace(-0.8, 0.8, 3 * 4 * 4).view(1, 3, 4, 4)
+
+    def ideal(x, t, context, pooled):
+        a = sched.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    den = ScheduledDenoiser(ideal, sched)
+    cond = Conditioning(torch.zeros(2, 1, 4))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for guidance in (1.0, 4.0):
+        out = ddim_sample(den, cond, cond, noise, steps=10, guidance=guidance)
+        torch.testing.assert_close(out, target.expand(2, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+def test_short_inversion_beats_the_generic_prompt(world):
+    """A short adaptive inversion from 4 concept images: the judge finds the held-out shape in more
+    generated images than with the word the model files it under ("thing")."""
+    from inversion.init import make_embedding
+    from inversion.presets import build_method
+    from inversion.trainer import TrainConfig, Trainer, prepare_concept
+
+    images, _ = concept_set(4, seed=0, size=world.image_size)
+    emb = make_embedding(world.text, "probe", init_word=GENERIC, placeholder="<c>")
+    data = prepare_concept(world.latents, images, emb)
+    method = build_method("adaptive", world.text, world.denoiser.num_timesteps, init_vectors=emb.vectors)
+    cfg = TrainConfig(steps=INVERSION_TEST_STEPS, batch_size=4, lr=method.lr, templates=world.templates, seed=0)
+    result = Trainer(world.text, world.denoiser, [data], cfg, timesteps=method.sampler,
+                     optimizer=method.optimizer).run()
+    n = 12
+    learned = world.judge_images(world.generate(["a photo of a <c>"] * n, result.embedding, seed=3, steps=8))
+    generic = world.judge_images(world.generate([f"a photo of a {GENERIC}"] * n, seed=3, steps=8))
+    rate = sum(s == HELD_OUT for s in learned["shape"]) / n
+    base = sum(s == HELD_OUT for s in generic["shape"]) / n
+    assert rate >= base + 0.25, (rate, base)
+
+
+def test_demo_runs_end_to_end(tmp_path, world):
+    from inversion.demo import DemoConfig, run_demo
+    from inversion.formats import load_embedding
+
+    summary = run_demo(str(tmp_path), DemoConfig.quick(), world=world, log=lambda *a: None)
+    emb = load_embedding(summary["embedding"])
+    assert emb.vectors["clip_l"].shape == (1, world.encoder.width)
+    assert (tmp_path / "demo_grid.png").stat().st_size > 0
+    assert 0.0 <= summary["concept_rate"] <= 1.0 and summary["steps"] == DemoConfig.quick().steps
+
+
+def test_methods_benchmark_quick_writes_table_and_charts(tmp_path, monkeypatch):
+    """The README's measurement script in its smoke-test form: runs, writes its JSON, table and
+    charts, and ``--replot`` rebuilds the same table from the JSON alone."""
+    import importlib.util
+    import json
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "world_methods.py"
+    spec = importlib.util.spec_from_file_location("world_methods", path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "world_methods", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    mod.main(["--quick", "--only", "vanilla", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "world_methods.json").read_text())
+    names = {r["variant"] for r in data["runs"]}
+    assert "vanilla [0,1000)" in names and "reference: no inversion ('thing')" in names
+    run = next(r for r in data["runs"] if r["variant"] == "vanilla [0,1000)")
+    assert run["steps"] == [0, 10, 20] and len(run["concept"]) == 3 and len(run["loss"]) == 20
+    assert len(data["profile"]["mean"]) == 20 and data["profile_after"] is not None
+    table = (tmp_path / "world_methods.md").read_text()
+    assert "| vanilla [0,1000) | uniform |" in table
+    for png in ("world_accuracy_timesteps.png", "world_gt_profile.png", "world_samples.png", "world_norms.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    (tmp_path / "world_methods.md").unlink()
+    mod.replot(str(tmp_path))
+    assert (tmp_path / "world_methods.md").read_text() == table
