@@ -113,7 +113,10 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), world=None, log=pr
         close()
     train_s = time.time() - t1
     learned = result.embedding
-    path = save_embedding(learned, os.path.join(out_dir, f"{learned.name}.safetensors"), overwrite=True)
+    target = os.path.join(out_dir, f"{learned.name}.safetensors")
+    if os.path.exists(target):  # the demo's own output from an earlier run: say so rather than replace silently
+        log(f"replacing the earlier demo embedding {target}")
+    path = save_embedding(learned, target, overwrite=True)
 
     n = config.samples
     prompts = {"concept": f"a photo of a {CONCEPT}", "edit": config.edit, "baseline": f"a photo of a {GENERIC}"}

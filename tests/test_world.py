@@ -169,6 +169,9 @@ def test_demo_runs_end_to_end(tmp_path, world):
     assert emb.vectors["clip_l"].shape == (1, world.encoder.width)
     assert (tmp_path / "demo_grid.png").stat().st_size > 0
     assert 0.0 <= summary["concept_rate"] <= 1.0 and summary["steps"] == DemoConfig.quick().steps
+    said = []
+    run_demo(str(tmp_path), DemoConfig.quick(steps=2, samples=1), world=world, log=said.append)
+    assert any("replacing the earlier demo embedding" in s for s in said), said
 
 
 def test_methods_benchmark_quick_writes_table_and_charts(tmp_path, monkeypatch):
