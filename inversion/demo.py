@@ -42,7 +42,7 @@ class DemoConfig:
     samples: int = 8  # generated images per prompt
     ddim_steps: int = 25
     seed: int = 0
-    edit: str = f"a photo of a big {CONCEPT} on a white background"  # size and a background it never saw
+    edit: str = f"a photo of a purple {CONCEPT}"  # a colour the concept images never show
 
     def __post_init__(self) -> None:
         if self.method not in PRESETS or PRESETS[self.method][0] == "high_grad":
@@ -133,7 +133,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), world=None, log=pr
         "embedding": str(path), "grid": grid_path, "method": config.method, "steps": result.steps_done,
         "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
         "concept_rate": rate["concept"], "edit_concept_rate": rate["edit"], "baseline_concept_rate": rate["baseline"],
-        "edit_judged": {k: judged["edit"][k] for k in ("size", "background")},
+        "edit_judged": {k: judged["edit"][k] for k in ("shape", "colour", "size", "background")},
         "vector_norm": float(learned.norms()["clip_l"].mean()),
     }
     log(f"judge: {rate['concept']:.0%} of '{prompts['concept']}' images show the concept "
