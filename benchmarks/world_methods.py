@@ -190,7 +190,7 @@ def reference_runs(world, args) -> list[RunResult]:
     fits these five yellow crescents more closely)."""
     refs = [("reference: no inversion ('thing')", None)]
     if world.held_out_word is not None:
-        refs.append(("reference: the lost word", LearnedEmbedding("lost", {"clip_l": world.held_out_word.float()}, C)))
+        refs.append(("reference: the lost word", world.lost_word(C)))
     out = []
     for name, emb in refs:
         for seed in range(args.seeds):

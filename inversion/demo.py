@@ -87,7 +87,7 @@ def _progress(total: int) -> tuple[Callable[[StepInfo], None], Callable[[], None
 
 def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), world=None, log=print) -> dict:
     """Run the demo; return a summary (paths, timings, judged concept rates)."""
-    from .world import GENERIC, HELD_OUT, concept_set, load_world
+    from .world import GENERIC, concept_set, load_world
     from .world.grid import image_grid
 
     t0 = time.time()
@@ -123,7 +123,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), world=None, log=pr
     gen = {k: world.generate([p] * n, learned if CONCEPT in p else None, seed=config.seed + 1,
                              steps=config.ddim_steps) for k, p in prompts.items()}
     judged = {k: world.judge_images(v) for k, v in gen.items()}
-    rate = {k: sum(s == HELD_OUT for s in j["shape"]) / n for k, j in judged.items()}
+    rate = {k: world.concept_share(j["shape"]) for k, j in judged.items()}
     grid = image_grid([images, gen["concept"], gen["edit"], gen["baseline"]],
                       ["concept images", prompts["concept"], prompts["edit"], prompts["baseline"] + " (before)"],
                       scale=4)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from ..embedding import LearnedEmbedding
 from ..host import SimpleTextSide
 from ..hosts.hf import HFTextEncoder, PixelLatents, ScheduledDenoiser
 from . import render
@@ -75,6 +76,18 @@ class World:
         """Attribute names the judge reads off ``images`` [N, 3, H, W] in [0, 1]."""
         pred = self.judge.predict(images)
         return {k: [ATTRIBUTES[k][i] for i in v.tolist()] for k, v in pred.items()}
+
+    @staticmethod
+    def concept_share(shapes: Sequence[str]) -> float:
+        """Share of judged shape names (``judge_images(...)["shape"]``) that are the held-out shape."""
+        return sum(s == HELD_OUT for s in shapes) / len(shapes)
+
+    def lost_word(self, placeholder: str = "<lost>") -> LearnedEmbedding | None:
+        """The held-out shape's removed word as an embedding under ``placeholder`` (for evaluation
+        only: a reference to compare inversions with), or None if the assets do not ship it."""
+        if self.held_out_word is None:
+            return None
+        return LearnedEmbedding("lost", {"clip_l": self.held_out_word.float()}, placeholder)
 
     def conditioning(self, prompts: Sequence[str], embeddings=None):
         return encode_prompts(self.text, prompts, embeddings)

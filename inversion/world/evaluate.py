@@ -51,13 +51,11 @@ def lost_word_rate(world, prompt: str = "a photo of a <lost>", n: int = 64, seed
                    guidance: float | None = None) -> float | None:
     """Share of images judged to be the held-out shape when ``<lost>`` is its removed word (the ceiling
     an inverted embedding can be compared with); None if the assets do not ship that word."""
-    if world.held_out_word is None:
+    emb = world.lost_word("<lost>")
+    if emb is None:
         return None
-    from ..embedding import LearnedEmbedding
-
-    emb = LearnedEmbedding("lost", {"clip_l": world.held_out_word.float()}, "<lost>")
     images = world.generate([prompt] * n, emb, seed=seed, steps=steps, guidance=guidance)
-    return sum(s == HELD_OUT for s in world.judge_images(images)["shape"]) / n
+    return world.concept_share(world.judge_images(images)["shape"])
 
 
 def generic_shape_distribution(world, prompt: str = f"a photo of a {GENERIC}", n: int = 64, seed: int = 0,
