@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,7 @@ import re
 import pytest
 from PIL import Image
 
+import modload
 from workflow_check import FRONTEND_ONLY, check_workflow, pack_node_ids, widget_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,10 +50,7 @@ def _load(path: str) -> dict:
 @pytest.fixture(scope="module")
 def live_schemas(tmp_path_factory):
     """/object_info of a real ComfyUI with the pack installed, or None without COMFYUI_PATH."""
-    spec = importlib.util.spec_from_file_location("inversion_server_process",
-                                                  os.path.join(ROOT, "tests", "comfy", "server_process.py"))
-    sp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sp)
+    sp = modload.load("inversion_server_process", os.path.join(ROOT, "tests", "comfy", "server_process.py"))
     if sp.comfyui_path() is None:
         return None
     return sp.object_info(str(tmp_path_factory.mktemp("object-info")))

@@ -173,19 +173,16 @@ def test_demo_runs_end_to_end(tmp_path, world):
     assert any("replacing the earlier demo embedding" in s for s in said), said
 
 
-def test_methods_benchmark_quick_writes_table_and_charts(tmp_path, monkeypatch):
+def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
     """The README's measurement script in its smoke-test form: runs, writes its JSON, table and
     charts, and ``--replot`` rebuilds the same table from the JSON alone."""
-    import importlib.util
     import json
     import pathlib
-    import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "world_methods.py"
-    spec = importlib.util.spec_from_file_location("world_methods", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "world_methods", mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    import modload
+
+    mod = modload.load("inversion_world_methods",
+                       pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "world_methods.py")
     mod.main(["--quick", "--only", "vanilla", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "world_methods.json").read_text())
     names = {r["variant"] for r in data["runs"]}

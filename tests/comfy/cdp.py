@@ -3,7 +3,7 @@
 Small and synchronous on purpose: ``Browser.start()`` launches chromium with a fresh profile,
 ``browser.page()`` attaches to its tab, and ``Page`` offers ``goto``, ``evaluate`` (awaits
 promises, returns JSON values), ``screenshot`` and the console/exception messages seen so far.
-Loaded by file path (see ``server_process.load``).
+Loaded by file path (see ``tests/modload.py``).
 """
 
 from __future__ import annotations

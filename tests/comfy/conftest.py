@@ -11,23 +11,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 import types
 
 import pytest
+
+import modload  # tests/, on sys.path by tests/conftest.py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_harness():
-    name = "inversion_comfy_harness"  # the name tests/comfy/test_browser.py loads it under, too
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_HERE, "harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    # the name tests/comfy/test_ovi_comfy.py loads it under, too
+    return modload.load("inversion_comfy_harness", os.path.join(_HERE, "harness.py"))
 
 
 harness = _load_harness()

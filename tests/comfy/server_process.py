@@ -1,8 +1,8 @@
 """A real ComfyUI server in a subprocess, with this repository installed in its ``custom_nodes``.
 
 Used by ``tests/test_workflows.py`` (the real ``/object_info``) and ``tests/comfy/test_browser.py``
-(the page, the workflows, a training run). Loaded by file path (``load``), like ``harness.py``, so
-that no ``tests``/``comfy`` package name can be shadowed.
+(the page, the workflows, a training run). Loaded by file path (``tests/modload.py``), like ``harness.py``,
+so that no ``tests``/``comfy`` package name can be shadowed.
 
 Everything the server writes goes to a temporary ``--base-directory`` (models, inputs, outputs,
 user settings) and an in-memory database; the ComfyUI checkout at ``COMFYUI_PATH`` is only read.
@@ -10,7 +10,6 @@ user settings) and an in-memory database; the ComfyUI checkout at ``COMFYUI_PATH
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -24,17 +23,6 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_FOLDER = "comfyui-inversion"  # the folder name the Comfy Registry / Manager install uses
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
-
-
-def load(name: str, path: str):
-    """Import a helper module of this folder by file path (see the module docstring)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def comfyui_path() -> str | None:

@@ -16,21 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import modload  # tests/, on sys.path by tests/conftest.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _load(name, fn):
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, fn))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return modload.load(name, os.path.join(HERE, fn))
 
 
 sp = _load("inversion_server_process", "server_process.py")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -17,17 +16,12 @@ import sys
 import pytest
 import torch
 
+import modload  # tests/, on sys.path by tests/conftest.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("inversion_comfy_harness", os.path.join(HERE, "harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
+harness = modload.load("inversion_comfy_harness", os.path.join(HERE, "harness.py"))
 pytestmark = pytest.mark.skipif(harness.comfyui_path() is None,
                                 reason="COMFYUI_PATH is not set to a ComfyUI checkout (see DEVELOPERS.md)")
 

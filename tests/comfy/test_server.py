@@ -8,10 +8,8 @@ repository, so nothing is written into the ComfyUI checkout. Events are read fro
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 import time
 import uuid
 
@@ -19,18 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import modload  # tests/, on sys.path by tests/conftest.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_TIMEOUT = 900
 
 
 def _load(name, fn):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, fn))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return modload.load(name, os.path.join(HERE, fn))
 
 
 sp = _load("inversion_server_process", "server_process.py")
