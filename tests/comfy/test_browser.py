@@ -156,13 +156,12 @@ def test_example_workflow_loads_with_no_missing_nodes(page, path):
     assert not [c for c in page.console[before:] if c in errors], errors
 
 
-def _chart_pixels(page, node_expr: str) -> int:
-    """Pixels of the EMA loss colour on the node's chart canvas."""
+def _loss_pixels(page, canvas_expr: str) -> int:
+    """Pixels of the EMA loss colour on the canvas that the JS expression ``canvas_expr`` names
+    (-1 if there is no drawn canvas)."""
     r, g, b = SMOOTH_RGB
     return page.evaluate(f"""(() => {{
-        const node = {node_expr};
-        const w = node?.widgets?.find((w) => w.name === 'inversion_chart');
-        const c = w?.element?.querySelector('canvas');
+        const c = {canvas_expr};
         if (!c || !c.width || !c.height) return -1;
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let k = 0;
@@ -170,6 +169,12 @@ def _chart_pixels(page, node_expr: str) -> int:
             if (Math.abs(d[i] - {r}) < 24 && Math.abs(d[i + 1] - {g}) < 24 && Math.abs(d[i + 2] - {b}) < 24) k++;
         return k;
     }})()""")
+
+
+def _chart_pixels(page, node_expr: str) -> int:
+    """Pixels of the EMA loss colour on the node's chart canvas."""
+    return _loss_pixels(page, f"({node_expr})?.widgets?.find((w) => w.name === 'inversion_chart')"
+                              "?.element?.querySelector('canvas')")
 
 
 def test_live_events_reach_a_node_inside_nested_subgraphs(page):
@@ -312,15 +317,7 @@ def test_chart_in_the_vue_node_renderer(page):
         selector = f'[data-node-id="{node_id}"] .comfyui-inversion-chart canvas'
         page.wait_for(f"!!document.querySelector('{selector}')", timeout=30)
         page.pump(0.5)
-        r, g, b = SMOOTH_RGB
-        drawn = page.evaluate(f"""(() => {{
-            const c = document.querySelector('{selector}');
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let k = 0;
-            for (let i = 0; i < d.length; i += 4)
-                if (Math.abs(d[i] - {r}) < 24 && Math.abs(d[i + 1] - {g}) < 24 && Math.abs(d[i + 2] - {b}) < 24) k++;
-            return k;
-        }})()""")
+        drawn = _loss_pixels(page, f"document.querySelector('{selector}')")
         assert drawn > 50
         page.evaluate(f"""(() => {{  // bring the bottom of the (tall) node into view
             const c = window.comfyAPI.app.app.canvas;
