@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from inversion.charts import curves_chart, profile_chart  # noqa: E402
+from inversion.imageprep import to_pil  # noqa: E402
 from inversion.init import from_text, from_word  # noqa: E402
 from inversion.embedding import LearnedEmbedding  # noqa: E402
 from inversion.presets import MethodParams, build_method  # noqa: E402
@@ -404,10 +405,13 @@ def replot(out_dir: str) -> dict:
     return summary
 
 
-def _save(img: torch.Tensor, path: str) -> None:
-    from PIL import Image
+def _pil(chart: torch.Tensor):
+    """A chart image [H, W, 3] in [0, 1] as a PIL image."""
+    return to_pil(chart.permute(2, 0, 1))
 
-    Image.fromarray((img.clamp(0, 1) * 255).round().byte().numpy()).save(path)
+
+def _save(chart: torch.Tensor, path: str) -> None:
+    _pil(chart).save(path)
 
 
 def _plots(out, summary, groups: dict, profiles, vocab) -> None:
@@ -427,7 +431,7 @@ def _plots(out, summary, groups: dict, profiles, vocab) -> None:
               os.path.join(out, fname))
     if profiles:
         imgs = [profile_chart(p, window=w, title=t, width=640, height=360) for p, w, t in profiles]
-        pil = [Image.fromarray((i.clamp(0, 1) * 255).round().byte().numpy()) for i in imgs]
+        pil = [_pil(i) for i in imgs]
         canvas = Image.new("RGB", (sum(p.width for p in pil), max(p.height for p in pil)), (255, 255, 255))
         x = 0
         for p in pil:

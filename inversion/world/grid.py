@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from .. import imageprep
 from ..charts import _font
 
 __all__ = ["to_pil", "image_grid"]
@@ -16,8 +17,7 @@ def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     """[3, H, W] in [0, 1] -> an RGB image, enlarged ``scale`` times with nearest-neighbour."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"to_pil: expected an image [3, H, W], got {tuple(image.shape)}")
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
-    im = Image.fromarray(arr, "RGB")
+    im = imageprep.to_pil(image)
     return im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) if scale > 1 else im
 
 
