@@ -4,19 +4,22 @@ Images are float tensors [3, H, W] / batches [N, 3, H, W] in [0, 1]; masks [H, W
 [0, 1] (1 = the concept, where the loss counts). Plain torch and PIL.
 
 - ``read_image``: EXIF orientation applied, alpha composited on white (what viewers show) and
-  returned separately so it can serve as the mask;
+  returned separately so it can serve as the mask; 16-bit and float grayscale kept at full range
+  (Pillow's ``convert("RGB")`` would clip them to white);
 - ``fit``: "crop" (shortest side to ``size``, centre crop; the usual textual-inversion
   preprocessing), "pad" (longest side to ``size``, white borders that the mask excludes) or
   "stretch";
-- ``load_concept_folder``: every readable image of a folder, fitted; an unreadable file is skipped
-  with a warning that names it; an empty result is an error that names the folder.
+- ``load_concept_folder``: every readable image of a folder, fitted; an unreadable or (almost)
+  fully transparent file is skipped with a warning that names it, and listed in
+  ``ConceptImages.skipped`` so a UI can tell the user; an empty result is an error that names the
+  folder and why each file was skipped.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 FIT_MODES = ("crop", "pad", "stretch")
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# An image keeps at least this many pixels more than half opaque (after fitting) or it is skipped:
+# one latent cell (the VAE downsamples 8x8), so less is invisible to the model, and the image would
+# train as a plain white square (no mask) or as an empty mask (the trainer's error).
+MIN_VISIBLE_PIXELS = 64
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ConceptImages:
     images: torch.Tensor  # [N, 3, S, S] in [0, 1]
     masks: torch.Tensor | None  # [N, S, S] in [0, 1], or None when no image had a mask
     names: list[str]  # file names (or "image i")
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason) of files left out
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -58,10 +66,44 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | No
             alpha = a.view(rgba.height, rgba.width).float() / 255.0
             im = Image.new("RGB", rgba.size, (255, 255, 255))
             im.paste(rgba, mask=rgba.getchannel("A"))
+        elif im.mode in ("F", "I") or im.mode.startswith("I;16"):
+            return _gray_to_rgb(im), None
         else:
             im = im.convert("RGB")
         rgb = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
     return rgb.permute(2, 0, 1).float() / 255.0, alpha
+
+
+def _gray_to_rgb(im) -> torch.Tensor:
+    """A 16-bit ("I;16*", "I") or float ("F") grayscale image as [3, H, W] in [0, 1].
+
+    Integer modes hold 0..65535 (16-bit PNG/TIFF). Float images are usually 0..1, but some tools
+    write 0..255 or 0..65535: the range is taken from the largest value.
+    """
+    f = im.convert("F")
+    x = torch.frombuffer(bytearray(f.tobytes()), dtype=torch.float32).view(f.height, f.width)
+    if im.mode == "F":
+        hi = float(x.max()) if x.numel() else 0.0
+        scale = 1.0 if hi <= 1.0 else 255.0 if hi <= 255.0 else 65535.0
+    else:
+        scale = 65535.0
+    return (x / scale).clamp(0, 1)[None].expand(3, -1, -1).contiguous()
+
+
+def _transparency_problem(alpha: torch.Tensor, fitted: torch.Tensor, mode: str) -> str | None:
+    """Why an image's alpha [H, W] (``fitted`` to [S, S]) leaves too little visible to train on, or None."""
+    visible = int((fitted > 0.5).sum())
+    if visible >= MIN_VISIBLE_PIXELS:
+        return None
+    hint = ""
+    if not bool((alpha > 0.5).any()):
+        what = "fully transparent (no pixel is more than half opaque)"
+    else:
+        what = (f"almost fully transparent: {visible} pixel(s) more than half opaque after fit={mode}, "
+                f"fewer than {MIN_VISIBLE_PIXELS} (one 8x8 latent cell)")
+        hint = " (or use fit=pad if the visible part is near an edge)" if mode == "crop" else ""
+    return (f"{what}; it would train as a plain white image. Re-export it with the concept opaque{hint}, "
+            "or remove it from the folder")
 
 
 def _resize(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
@@ -132,21 +174,29 @@ def load_concept_folder(folder: str | os.PathLike, size: int, mode: str = "crop"
                         alpha_as_mask: bool = True) -> ConceptImages:
     """Every readable image of ``folder`` fitted to ``size``; alpha becomes the mask if asked."""
     files = list_images(folder)
-    images, masks, names = [], [], []
+    images, masks, names, skipped = [], [], [], []
     for p in files:
         try:
             rgb, alpha = read_image(p)
         except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
+            skipped.append((p.name, f"unreadable ({type(e).__name__}: {e})"))
             log.warning("skipping unreadable image %s: %s", p, e)
             continue
         img, m = fit(rgb, size, mode, alpha if alpha_as_mask else None)
+        if alpha is not None:  # checked after fitting: a centre crop can cut away all that is visible
+            problem = _transparency_problem(alpha, m if alpha_as_mask else fit(rgb, size, mode, alpha)[1], mode)
+            if problem is not None:
+                skipped.append((p.name, problem))
+                log.warning("skipping image %s: %s", p, problem)
+                continue
         images.append(img)
         masks.append(m)
         names.append(p.name)
     if not images:
+        why = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise ValueError(f"no readable images in folder {str(folder)!r} (looked for {', '.join(SUFFIXES)}); "
-                         "put the concept's images there")
+                         + (f"every image was skipped: {why}" if skipped else "put the concept's images there"))
     mask_out = None
     if any(m is not None for m in masks):
         mask_out = torch.stack([m if m is not None else torch.ones(size, size) for m in masks])
-    return ConceptImages(torch.stack(images), mask_out, names)
+    return ConceptImages(torch.stack(images), mask_out, names, skipped)

@@ -390,6 +390,8 @@ def _as_vectors(t: Any, what: str, path: Path) -> torch.Tensor:
 def _sanitise_name(text: str) -> str:
     s = re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.strip())
     s = re.sub(r"_+", "_", s).strip("_.-")[:128].rstrip("_.-")
+    if s.lower().endswith(".state"):  # a name validate_name refuses (training-state files' suffix)
+        s = s[: -len(".state")].rstrip("_.-")
     return s or "embedding"
 
 
@@ -419,14 +421,18 @@ def load_embedding(
     *,
     name: str | None = None,
     encoder_key: str | None = None,
+    name_from_file: bool = False,
 ) -> LearnedEmbedding:
     """Read an embedding file written by this library, ComfyUI/A1111/kohya, InvokeAI or diffusers.
 
     For a one-tensor file the encoder key comes from the header's ``encoder_keys``, else
     ``encoder_key``, else the width (768 clip_l, 1024 clip_h, 1280 clip_g; other widths: clip_l,
     noted in the metadata). The name is ``name``, else the header's, else the file stem made into a
-    valid name (a diffusers ``learned_embeds`` file uses its token instead). The placeholder is
-    the header's, else a diffusers file's token, else ``<name>``. Vectors come back float32 [k, d].
+    valid name (a diffusers ``learned_embeds`` file uses its token instead); ``name_from_file``
+    skips the header's name, so renamed copies of one file load as different words (a replaced
+    header name is kept as ``metadata["stored_name"]``). The placeholder is the header's (unless it
+    was ``<stored name>`` and the name changed), else a diffusers file's token, else ``<name>``.
+    Vectors come back float32 [k, d].
     Pickle files are opened with ``torch.load(weights_only=True)`` only; a file that needs more is
     refused with ``ValueError`` and nothing in it runs.
     """
@@ -457,13 +463,18 @@ def load_embedding(
 
     if name is not None:
         final_name = validate_name(name)
-    elif header.get("name"):
+    elif header.get("name") and not name_from_file:
         final_name = _sanitise_name(header["name"])
     elif parsed.layout == "diffusers" and path.stem == Path(DIFFUSERS_FILENAME).stem and parsed.token:
         final_name = _sanitise_name(parsed.token)
     else:
         final_name = _sanitise_name(path.stem)
     placeholder = header.get("placeholder") or parsed.token or ""
+    stored = header.get("name", "")
+    if stored and stored != final_name:
+        notes["stored_name"] = stored
+        if placeholder == f"<{stored}>":  # the default placeholder of the old name follows the new one
+            placeholder = ""
     metadata = {k: v for k, v in header.items() if k not in _STRUCTURAL_KEYS}
     metadata.update(parsed.info)
     metadata.update(notes)

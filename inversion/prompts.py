@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -71,16 +72,45 @@ STYLE_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def _template_problem(template: str) -> str | None:
+    """Why ``template.format(placeholder)`` would fail or misplace the concept (and the fix), or None."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        return "has a lone '{' or '}': write a literal brace as '{{' or '}}', and the concept as '{}'"
+    fields = [(name, conv, spec) for _, name, spec, conv in parts if name is not None]
+    if not fields:
+        return "has no '{}': put '{}' where the concept goes, e.g. 'a photo of a {}'"
+    extra = [f"{{{n}{'!' + c if c else ''}{':' + sp if sp else ''}}}" for n, c, sp in fields if n or c or sp]
+    if not extra:
+        return None if len(fields) == 1 else f"has {len(fields)} '{{}}': keep exactly one, where the concept goes"
+    # The suggestion: a named field becomes its plain word, a numbered or formatted one the bare '{}';
+    # a lone named field was probably meant as the concept's place, so it becomes '{}'.
+    fixed = "".join(text.replace("{", "{{").replace("}", "}}")
+                    + ("" if name is None else name if name and not name.isdigit() and len(fields) > 1 else "{}")
+                    for text, name, _, _ in parts)
+    n_fixed = sum(1 for _, name, _, _ in string.Formatter().parse(fixed) if name is not None)
+    fix = f"write {fixed!r}" if n_fixed == 1 else "keep exactly one plain '{}'"
+    literal = next((f", or '{{{{{n}}}}}' for the literal text '{{{n}}}'" for n, _, _ in fields
+                    if n and not n.isdigit()), "")
+    return (f"has {', '.join(repr(e) for e in extra)}: the only field allowed is the plain '{{}}' where the "
+            f"concept goes; {fix}{literal}")
+
+
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
-    """Validate custom templates: each must contain exactly one ``{}``."""
+    """Validate custom templates for ``str.format``: exactly one field, the empty ``{}``.
+
+    ``{{`` and ``}}`` are literal braces; any other field (``{style}``, ``{0}``, ``{:>5}``) or a lone
+    brace would raise or misplace the concept at the first training step, so it is refused here.
+    """
     out = tuple(t.strip() for t in templates if t.strip())
     if not out:
         raise ValueError("no prompt templates given: pass at least one template containing '{}'")
-    bad = [t for t in out if t.count("{}") != 1]
+    bad = [(t, why) for t in out if (why := _template_problem(t)) is not None]
     if bad:
-        raise ValueError(
-            f"each template needs exactly one '{{}}' where the concept goes; fix: {bad[:3]}"
-        )
+        listed = "; ".join(f"template {t!r} {why}" for t, why in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(f"each template needs exactly one '{{}}' where the concept goes: {listed}{more}")
     return out
 
 

@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..inversion import formats
+from ..inversion.checkpoint import STATE_SUFFIX
 from ..inversion.embedding import validate_name
 from ..inversion.interpolate import slerp_embeddings
 from .comfy_embed import clip_with_embedding
@@ -86,6 +87,11 @@ class SaveEmbedding(io.ComfyNode):
         return io.NodeOutput(str(written), ui={"text": [f"saved {written}"]})
 
 
+def _embedding_files() -> list[str]:
+    """The embeddings ComfyUI lists, without training-state files older versions kept there."""
+    return [f for f in folder_paths.get_filename_list("embeddings") if not f.endswith(STATE_SUFFIX)]
+
+
 class LoadEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -94,9 +100,10 @@ class LoadEmbedding(io.ComfyNode):
             display_name="Load Embedding (Inversion)",
             category=CATEGORY,
             description="Read an embedding file from models/embeddings (this pack's, ComfyUI/A1111 .pt or "
-                        ".safetensors, kohya, InvokeAI or diffusers learned_embeds).",
+                        ".safetensors, kohya, InvokeAI or diffusers learned_embeds). Its name (the trigger "
+                        "word of Apply Learned Embedding) is the file's name, so renamed copies stay apart.",
             inputs=[
-                io.Combo.Input("file", options=folder_paths.get_filename_list("embeddings"),
+                io.Combo.Input("file", options=_embedding_files(),
                                tooltip="A file in models/embeddings."),
             ],
             outputs=[EmbeddingType.Output("embedding", display_name="embedding", tooltip="The loaded embedding.")],
@@ -115,7 +122,10 @@ class LoadEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, file) -> io.NodeOutput:
-        return io.NodeOutput(formats.load_embedding(folder_paths.get_full_path_or_raise("embeddings", file)))
+        # The file's stem, not the name saved inside it, is the embedding's name (and the default
+        # trigger word), as in ComfyUI's embedding:<file>: renamed copies stay different words.
+        path = folder_paths.get_full_path_or_raise("embeddings", file)
+        return io.NodeOutput(formats.load_embedding(path, name_from_file=True))
 
 
 class EmbeddingSlerp(io.ComfyNode):

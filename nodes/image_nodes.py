@@ -10,6 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..inversion import dataset
+from .comfy_run import warn_user
 
 __all__ = ["NODES", "LoadConceptImages", "resolve_folder"]
 
@@ -70,18 +71,24 @@ class LoadConceptImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, size, fit, alpha_as_mask, images=None, masks=None) -> io.NodeOutput:
+        skipped: list[tuple[str, str]] = []
         if images is not None:
             imgs, m = dataset.fit_batch(images.movedim(-1, 1)[:, :3].float().cpu(), size, fit,
                                         None if masks is None else masks.float().cpu())
         elif folder.strip():
             loaded = dataset.load_concept_folder(resolve_folder(folder), size, fit, alpha_as_mask)
-            imgs, m = loaded.images, loaded.masks
+            imgs, m, skipped = loaded.images, loaded.masks, loaded.skipped
         else:
             raise ValueError("folder: give a folder of concept images (absolute, or inside ComfyUI's input "
                              "directory), or connect an IMAGE batch to 'images'")
         if m is None:
             m = torch.ones(imgs.shape[0], size, size)
-        return io.NodeOutput(imgs.movedim(1, -1).contiguous(), m, int(imgs.shape[0]))
+        text = [f"loaded {imgs.shape[0]} image(s)"]
+        if skipped:  # one toast for all of them; the console alone goes unseen
+            text.append(f"skipped {len(skipped)} file(s) in folder {folder.strip()!r}:\n"
+                        + "\n".join(f"{name}: {reason}" for name, reason in skipped))
+            warn_user(None if cls.hidden is None else cls.hidden.unique_id, f"Load Concept Images {text[-1]}")
+        return io.NodeOutput(imgs.movedim(1, -1).contiguous(), m, int(imgs.shape[0]), ui={"text": text})
 
 
 NODES = [LoadConceptImages]

@@ -81,3 +81,98 @@ def test_empty_or_missing_folder_is_an_error_that_names_it(tmp_path):
         dataset.load_concept_folder(tmp_path, 16)
     with pytest.raises(ValueError, match="does not exist"):
         dataset.load_concept_folder(tmp_path / "nope", 16)
+
+
+def _write_png16(path, pixels: np.ndarray, color_type: int) -> None:
+    """A 16-bit PNG written by hand (Pillow writes 16-bit grayscale only): 2 = RGB, 4 = gray + alpha."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = pixels.shape[:2]
+    raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _gradient16(h=8, w=64) -> np.ndarray:
+    return np.broadcast_to(np.linspace(0, 65535, w).round().astype(np.uint16), (h, w)).copy()
+
+
+def test_16bit_grayscale_png_keeps_its_values(tmp_path):
+    g = _gradient16()
+    Image.fromarray(g).save(tmp_path / "gray16.png")  # Pillow opens it as mode "I;16"
+    rgb, alpha = dataset.read_image(tmp_path / "gray16.png")
+    expected = torch.from_numpy(g.astype(np.float32) / 65535)
+    assert rgb.shape == (3, 8, 64) and alpha is None
+    for c in range(3):
+        torch.testing.assert_close(rgb[c], expected, rtol=0, atol=1 / 255)
+    big_endian = Image.frombytes("I;16B", (64, 8), g.astype(">u2").tobytes())
+    big_endian.save(tmp_path / "gray16b.tif")
+    torch.testing.assert_close(dataset.read_image(tmp_path / "gray16b.tif")[0][1], expected, rtol=0, atol=1 / 255)
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_grayscale_uses_its_range(tmp_path, scale):
+    g = np.linspace(0, 1, 32, dtype=np.float32)[None].repeat(4, 0)
+    Image.fromarray(g * scale, "F").save(tmp_path / "f.tif")
+    rgb, _ = dataset.read_image(tmp_path / "f.tif")
+    torch.testing.assert_close(rgb, torch.from_numpy(g)[None].expand(3, -1, -1), rtol=0, atol=1 / 255)
+
+
+def test_16bit_rgb_and_gray_alpha_pngs_still_load(tmp_path):
+    g = _gradient16(4, 16)
+    rgb16 = np.stack([g, np.zeros_like(g), 65535 - g], -1)
+    _write_png16(tmp_path / "rgb16.png", rgb16, 2)
+    rgb, alpha = dataset.read_image(tmp_path / "rgb16.png")
+    expected = torch.from_numpy(g.astype(np.float32) / 65535)
+    torch.testing.assert_close(rgb[0], expected, rtol=0, atol=1 / 255)
+    torch.testing.assert_close(rgb[2], 1 - expected, rtol=0, atol=1 / 255)
+    assert alpha is None and rgb[1].max() == 0
+    la = np.stack([g, np.full_like(g, 65535)], -1)
+    la[:, :4, 1] = 0  # the left quarter transparent
+    _write_png16(tmp_path / "la16.png", la, 4)
+    rgb, alpha = dataset.read_image(tmp_path / "la16.png")
+    assert alpha[:, :4].max() == 0 and alpha[:, 4:].min() == 1
+    assert rgb[:, :, :4].min() == 1  # transparent: white
+    torch.testing.assert_close(rgb[1, :, 4:], expected[:, 4:], rtol=0, atol=1 / 255)
+
+
+def _save_rgba(path, h, w, box=None):
+    """Red RGBA image, transparent except ``box`` = (top, bottom, left, right) opaque."""
+    a = np.zeros((h, w, 4), np.uint8)
+    a[..., 0] = 255
+    if box is not None:
+        t, b, left, r = box
+        a[t:b, left:r, 3] = 255
+    Image.fromarray(a, "RGBA").save(path)
+
+
+@pytest.mark.parametrize("alpha_as_mask", [True, False])
+def test_transparent_and_unreadable_images_are_skipped_with_a_reason(tmp_path, alpha_as_mask):
+    _save_rgba(tmp_path / "a_ok.png", 32, 32, (8, 24, 8, 24))
+    _save_rgba(tmp_path / "b_clear.png", 32, 32)  # fully transparent
+    _save_rgba(tmp_path / "c_speck.png", 32, 32, (10, 12, 10, 12))  # 4 opaque pixels: nothing to learn
+    _save_rgba(tmp_path / "d_edge.png", 32, 64, (0, 32, 0, 16))  # visible only where crop cuts
+    (tmp_path / "e_broken.png").write_bytes(b"broken")
+    ci = dataset.load_concept_folder(tmp_path, 32, "crop", alpha_as_mask=alpha_as_mask)
+    assert ci.names == ["a_ok.png"] and ci.images.shape == (1, 3, 32, 32)
+    reasons = dict(ci.skipped)
+    assert list(reasons) == ["b_clear.png", "c_speck.png", "d_edge.png", "e_broken.png"]
+    assert "fully transparent" in reasons["b_clear.png"] and "plain white image" in reasons["b_clear.png"]
+    assert "fit=pad" not in reasons["b_clear.png"]
+    assert "almost fully transparent: 4 pixel(s)" in reasons["c_speck.png"]
+    assert "fit=pad" in reasons["d_edge.png"]
+    assert reasons["e_broken.png"].startswith("unreadable")
+    padded = dataset.load_concept_folder(tmp_path, 32, "pad", alpha_as_mask=alpha_as_mask)
+    assert padded.names == ["a_ok.png", "d_edge.png"]  # the whole image: its visible strip stays
+
+
+def test_every_image_skipped_error_says_why(tmp_path):
+    _save_rgba(tmp_path / "clear.png", 16, 16)
+    (tmp_path / "broken.jpg").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"no readable images in folder .*every image was skipped: "
+                                         r"broken.jpg: unreadable.*; clear.png: fully transparent"):
+        dataset.load_concept_folder(tmp_path, 16, alpha_as_mask=False)

@@ -380,6 +380,23 @@ def test_invalid_name_argument(tmp_path):
         load_embedding(path, name="has space")
 
 
+def test_name_from_file_keeps_renamed_copies_apart(tmp_path):
+    import shutil
+
+    a = save_embedding(make_emb(), tmp_path / "a.safetensors")
+    (tmp_path / "sub").mkdir()
+    b = shutil.copy(a, tmp_path / "sub" / "my copy (2).safetensors")
+    custom = save_embedding(make_emb(name="own", placeholder="<sks>"), tmp_path / "c.safetensors")
+    assert load_embedding(b).name == "mycat"  # by default the header's name, as saved
+    ea, eb = load_embedding(a, name_from_file=True), load_embedding(b, name_from_file=True)
+    assert (ea.name, ea.placeholder, "stored_name" in ea.metadata) == ("a", "<a>", True)
+    assert (eb.name, eb.placeholder, eb.metadata["stored_name"]) == ("my_copy_2", "<my_copy_2>", "mycat")
+    assert torch.equal(ea.vectors["clip_l"], eb.vectors["clip_l"])
+    same = load_embedding(tmp_path / "sub" / "my copy (2).safetensors", name="mycat")
+    assert "stored_name" not in same.metadata and same.placeholder == "<mycat>"
+    assert load_embedding(custom, name_from_file=True).placeholder == "<sks>"  # a chosen placeholder stays
+
+
 # --- trainer side files -----------------------------------------------------------------------
 
 
