@@ -20,6 +20,11 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit and without spaces (it becomes the file name and the "
             "word after 'embedding:' in prompts)"
         )
+    if name.lower().endswith(".state"):
+        raise ValueError(
+            f"embedding name {name!r} ends in '.state', the suffix of training-state files "
+            "(<name>.state.safetensors): choose a name without it"
+        )
     return name
 
 

@@ -57,6 +57,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = never; else the checkpoint callback runs every N steps
     autocast_dtype: str | None = None  # "bf16" / "fp16" on GPU; None = the models' own dtype
     max_grad_norm: float = 0.0  # 0 = off; else clip the vectors' gradient norm
+    # Divergence guard, in multiples of the largest token-table norm of each encoder (0 = off). Real
+    # words lie at 0.3-0.6 (SD1.5 clip_l); AdamW's norm inflation (DTI's motivation) reaches 2-3x
+    # that in a normal run (the miniature world: 1.1-1.2 against 0.59), so 8x is far outside any
+    # run we measured; 50x means the step size is wrong (lr 10 gives ~1000x after a few steps).
+    norm_warn: float = 8.0  # warn once: the vectors have left the vocabulary's range
+    norm_stop: float = 50.0  # stop; keep the last vectors that were within norm_warn
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1:
@@ -71,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup_steps and checkpoint_every must be >= 0")
+        if self.norm_warn < 0 or self.norm_stop < 0 or (self.norm_warn and self.norm_stop
+                                                        and self.norm_stop < self.norm_warn):
+            raise ValueError(f"norm_warn ({self.norm_warn}) and norm_stop ({self.norm_stop}) must be >= 0 "
+                             "(0 = off), with norm_stop >= norm_warn")
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {self.autocast_dtype!r}")
         check_templates(self.templates)
@@ -136,8 +146,16 @@ def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embeddi
             raise ValueError(f"masks must be [N, 1, H, W] with N = {n} images, got {tuple(masks.shape)}")
         m = torch.cat([m, m.flip(-1)]) if flip else m
         mask_lat = torch.nn.functional.interpolate(m, size=lat.shape[-2:], mode="area").clamp(0, 1)
-        if bool((mask_lat.flatten(1).sum(1) <= 0).any()):
-            raise ValueError("a concept mask is empty at latent resolution; paint the object or drop the mask")
+        empty = sorted({i % n + 1 for i in (mask_lat.flatten(1).sum(1) <= 0).nonzero().flatten().tolist()})
+        if empty:  # a flipped copy is empty exactly when its image's mask is; name each image once, 1-based
+            which = ", ".join(f"image {i} of {n}" for i in empty)
+            many = len(empty) > 1
+            raise ValueError(
+                f"masks: the concept mask{'s' if many else ''} of {which} {'are' if many else 'is'} empty at latent "
+                f"resolution, so {'those images' if many else 'that image'} would add nothing to the loss; a mask "
+                "must be 1 (white) where the concept is: paint the concept in it, remove that image, or disconnect "
+                "the masks. A MASK from ComfyUI's Load Image is 1 where the image is transparent (the opposite), so "
+                "invert it first (Invert Mask); a fully transparent image has nothing to learn from")
     caps = None if captions is None else (captions + captions if flip else captions)
     return ConceptData(embedding, lat, caps, mask_lat)
 
@@ -160,6 +178,7 @@ class StepInfo:
     g_estimate: list[float] | None = None  # adaptive sampler's per-bin g(t), if any
     bin_edges: list[int] | None = None  # and its bin edges (timesteps)
     target_norms: dict[str, float] | None = None  # DTI's fixed norm m* per encoder, if any
+    warnings: list[str] = field(default_factory=list)  # new this step, for the user (once per run each)
 
 
 @dataclass
@@ -216,7 +235,7 @@ class TrainResult:
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or inf. ``embeddings`` holds the last good vectors."""
+    """The loss became NaN or inf, or the vectors exploded. ``embeddings`` holds the last good vectors."""
 
     def __init__(self, message: str, embeddings: list[LearnedEmbedding]):
         super().__init__(message)
@@ -244,6 +263,12 @@ def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: to
     gc = ctx_grad.detach().float().flatten(1).norm(dim=1) * scale
     rnorm = (per.float() * n_eff).sqrt().clamp_min(1e-12)
     return gc * n_eff / (2 * rnorm)
+
+
+def _max_row_norm(table: torch.Tensor, chunk: int = 8192) -> float:
+    # In chunks: a float32 copy of SDXL's clip_g table at once would be 250 MB.
+    t = table.detach()
+    return max(float(t[i:i + chunk].float().norm(dim=-1).max()) for i in range(0, t.shape[0], chunk))
 
 
 def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -281,6 +306,8 @@ class Trainer:
         self.device = torch.device(device) if device is not None else self.concepts[0].latents.device
         self._check_concepts()
         self.tables = {e.key: e.token_table() for e in text.encoders}
+        # The largest word norm per encoder: the divergence guard's unit.
+        self.vocab_norm = {k: _max_row_norm(t) for k, t in self.tables.items()}
         # The only trainable tensors: one [K_total, d] leaf per encoder.
         self.rows: list[range] = []
         self.placeholders: dict[str, tuple[int, int]] = {}
@@ -312,6 +339,10 @@ class Trainer:
         else:
             self.optimizer.prepare(self.params)
         self._good = {k: v.detach().clone() for k, v in self.params.items()}
+        # The last vectors within ``norm_warn`` of the vocabulary: what an exploding run falls back to.
+        self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step))
+        self._warned: set[str] = set()
+        self._optimizer_stale = False
 
     # ---- setup -------------------------------------------------------------------------------
     def _check_concepts(self) -> None:
@@ -354,8 +385,11 @@ class Trainer:
         return out
 
     def state(self) -> TrainState:
+        # After a roll-back to earlier vectors the optimiser's moments belong to later steps: a resumed
+        # run restarts the optimiser rather than continue with them.
+        opt = {} if self._optimizer_stale else self.optimizer.state_dict()
         return TrainState(self.step, {k: v.detach().cpu().clone() for k, v in self._good.items()},
-                          self.optimizer.state_dict(), self.sampler.state_dict(),
+                          opt, self.sampler.state_dict(),
                           TrainHistory.from_dict(self.history.to_dict()))
 
     def _load_state(self, s: TrainState) -> None:
@@ -482,6 +516,7 @@ class Trainer:
         self.step += 1
         for k, v in self.params.items():
             self._good[k].copy_(v.detach())
+        warnings = self._guard_norms()
         est = getattr(self.sampler, "estimate", None)
         edges = getattr(self.sampler, "edges", None)
         norms = getattr(self.optimizer, "norms", None) or getattr(getattr(self.optimizer, "directional", None),
@@ -493,8 +528,50 @@ class Trainer:
             elapsed=0.0, sampler=self.sampler.describe(),
             g_estimate=None if est is None else [float(x) for x in est],
             bin_edges=None if edges is None else [int(x) for x in edges],
-            target_norms=None if norms is None else dict(norms),
+            target_norms=None if norms is None else dict(norms), warnings=warnings,
         )
+
+    def norm_ratio(self) -> tuple[float, str]:
+        """The largest learned-vector norm over the largest word norm, and the encoder it is in."""
+        return max((float(v.detach().float().norm(dim=-1).max()) / max(self.vocab_norm[k], 1e-12), k)
+                   for k, v in self._good.items())
+
+    def _guard_norms(self) -> list[str]:
+        """Warn once when the vectors leave the vocabulary's range; stop when they explode.
+
+        A vector many times longer than any word dominates the prompt's attention, so the concept
+        ignores the rest of the prompt, and at ``norm_stop`` x the run has clearly diverged (a
+        learning rate far too high): the vectors roll back to the last step within ``norm_warn``.
+        """
+        cfg = self.config
+        if not (cfg.norm_warn or cfg.norm_stop):
+            return []
+        ratio, key = self.norm_ratio()
+        unit = self.vocab_norm[key]
+        if cfg.norm_stop and ratio > cfg.norm_stop:
+            step, vectors, hist_len = self._sane
+            with torch.no_grad():
+                for k, v in self.params.items():
+                    v.copy_(vectors[k])
+                    self._good[k].copy_(vectors[k])
+            bad_step = self.step
+            self.step = step
+            self.history = TrainHistory.from_dict({k: v[:hist_len] for k, v in self.history.to_dict().items()})
+            self._optimizer_stale = True
+            raise TrainingDiverged(
+                f"the vectors exploded: after step {bad_step} a {key} vector's norm is {ratio * unit:.3g}, "
+                f"{ratio:.0f} times the largest word's ({unit:.3g}). Training stopped; the vectors of step {step}, "
+                f"the last within {cfg.norm_warn:g}x, are kept. Lower the learning rate (now {cfg.lr:g}) "
+                "or use a directional method (its norm is fixed).", self.embeddings())
+        if not cfg.norm_warn or ratio <= cfg.norm_warn:
+            self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step) + 1)
+            return []
+        if "norm" in self._warned:
+            return []
+        self._warned.add("norm")
+        return [f"after step {self.step} a {key} vector's norm is {ratio * unit:.3g}, {ratio:.1f} times the "
+                f"largest word's ({unit:.3g}): the concept may drown out the rest of the prompt. Consider a lower "
+                f"learning rate (now {cfg.lr:g}), fewer steps, or a directional method."]
 
     def _diverged(self, what: str) -> TrainingDiverged:
         with torch.no_grad():

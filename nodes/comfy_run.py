@@ -20,12 +20,13 @@ import folder_paths
 
 from ..inversion.embedding import validate_name
 
-__all__ = ["EVENT", "UI_KEY", "TrainReporter", "send_event", "check_cancel", "embeddings_dir",
-           "embedding_path", "history_payload"]
+__all__ = ["EVENT", "WARNING_EVENT", "UI_KEY", "TrainReporter", "send_event", "warn_user", "check_cancel",
+           "embeddings_dir", "embedding_path", "history_payload"]
 
 log = logging.getLogger(__name__)
 
 EVENT = "inversion.progress"  # read by web/js/inversion_charts.js
+WARNING_EVENT = "inversion.warning"  # shown as a toast by web/js/inversion_warnings.js
 UI_KEY = "inversion_chart"  # the node's final UI output the chart widget restores from
 
 
@@ -34,17 +35,31 @@ def check_cancel() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def send_event(node_id: str | None, payload: dict[str, Any]) -> None:
-    """Broadcast an ``inversion.progress`` event for node ``node_id`` (no-op without a server)."""
-    if node_id is None:
-        return
+def _send(event: str, payload: dict[str, Any]) -> None:
     try:
         from server import PromptServer
     except ImportError:
         return
     instance = getattr(PromptServer, "instance", None)
     if instance is not None:
-        instance.send_sync(EVENT, {"node": str(node_id), **payload})
+        instance.send_sync(event, payload)
+
+
+def send_event(node_id: str | None, payload: dict[str, Any]) -> None:
+    """Broadcast an ``inversion.progress`` event for node ``node_id`` (no-op without a server)."""
+    if node_id is None:
+        return
+    _send(EVENT, {"node": str(node_id), **payload})
+
+
+def warn_user(node_id: str | None, message: str) -> None:
+    """Tell the user something went wrong but the run goes on: the server log, and a toast in the browser.
+
+    Console-only warnings go unseen by most users (the probe's finding); ``inversion.warning`` is
+    shown by ``web/js/inversion_warnings.js`` as ComfyUI's toast, naming the node.
+    """
+    log.warning("%s", message)
+    _send(WARNING_EVENT, {"node": None if node_id is None else str(node_id), "message": str(message)})
 
 
 def _mean(values) -> float | None:
@@ -72,6 +87,8 @@ class TrainReporter:
             "target_norm": None if not info.target_norms else _mean(info.target_norms.values()),
             "num_timesteps": self.num_timesteps, "method": self.method,
         })
+        for message in getattr(info, "warnings", ()):
+            warn_user(self.node_id, message)
         self.bar.update_absolute(info.step, info.total)  # inside a server this also checks Cancel
         check_cancel()
 

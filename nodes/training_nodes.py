@@ -7,7 +7,6 @@ then train inside ``training_host`` (full load, gradients inside ComfyUI's infer
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 
 import torch
@@ -17,7 +16,6 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..inversion import charts
-from ..inversion.checkpoint import load_state, save_checkpoint, state_from_embedding, state_path_for
 from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.presets import PRESETS, MethodParams, build_method
 from ..inversion.profiler import profile_gradients
@@ -26,7 +24,8 @@ from ..inversion.regularizers import L2Norm, NearestNeighborContrastive
 from ..inversion.trainer import ConceptData, TrainConfig, Trainer, TrainingDiverged, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import ComfyLatentEncoder, training_host
-from .comfy_run import UI_KEY, TrainReporter, check_cancel, embedding_path, history_payload, send_event
+from .comfy_run import UI_KEY, TrainReporter, check_cancel, history_payload, send_event
+from .run_files import IF_EXISTS, RunFiles, migrate_side_files
 from .types import EmbeddingType, GradProfileType, InitType
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data", "templates_for"]
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "inversion/train"
 TEMPLATE_SETS = ["object", "style", "custom"]
-IF_EXISTS = ["error", "overwrite", "resume"]
 DEFAULT_METHOD = "adaptive"  # seeds/000's adaptive sampling: the fastest converging without a profile run
 
 
@@ -156,18 +154,6 @@ class GradNormProfiler(io.ComfyNode):
         return io.NodeOutput(profile, chart, lo, hi, ui={UI_KEY: [payload]})
 
 
-def _resume_state(path: str, if_exists: str):
-    """None for a fresh run; a TrainState to continue from; an error if the file must not be touched."""
-    if not os.path.exists(path):
-        return None
-    if if_exists == "error":
-        raise ValueError(f"name: {path} already exists. Choose another name, or set if_exists to 'overwrite' "
-                         "(start again) or 'resume' (continue training it)")
-    if if_exists == "overwrite":
-        return None
-    return load_state(path) if state_path_for(path).exists() else state_from_embedding(path)
-
-
 def _regularizers(l2_weight: float, contrastive_weight: float) -> list:
     regs = []
     if l2_weight > 0:
@@ -209,11 +195,15 @@ class TrainTextualInversion(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of every random draw; a resumed run continues the same draws."),
                 *_template_inputs(),
-                io.Combo.Input("if_exists", options=IF_EXISTS, default="error",
+                io.Combo.Input("if_exists", options=list(IF_EXISTS), default="error",
                                tooltip="When <name>.safetensors exists: error (never touch it), overwrite (train "
-                               "anew), resume (continue from it and its .state file)."),
+                               "anew; the file is replaced only when the new run completes, a cancelled run "
+                               "leaves it as it was), resume (continue from it and its state in "
+                               "models/inversion_runs/<name>)."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
-                             tooltip="Save the embedding and the run state every N steps (0 = only at the end)."),
+                             tooltip="Save the embedding and the run state every N steps (0 = only at the end). "
+                             "While an existing file is being overwritten, checkpoints go to "
+                             "models/inversion_runs/<name> until the run completes."),
                 GradProfileType.Input("profile", optional=True,
                                       tooltip="Gradient profile (Gradient Norm Profiler): required by high_grad "
                                       "methods, seeds the adaptive ones."),
@@ -255,10 +245,9 @@ class TrainTextualInversion(io.ComfyNode):
         if if_exists != "resume":
             return ""
         try:
-            path = embedding_path(name.strip())
+            return RunFiles.of(name.strip()).fingerprint()
         except ValueError:
             return ""
-        return f"{os.path.getmtime(path)}" if os.path.exists(path) else ""
 
     @classmethod
     def execute(cls, model, clip, vae, images, init, name, method, steps, batch_size, learning_rate, seed,
@@ -266,13 +255,9 @@ class TrainTextualInversion(io.ComfyNode):
                 interval_start=350, interval_end=450, single_t=400, window=100, adaptive_bins=20, kappa=1e-4,
                 class_word="", l2_weight=0.0, contrastive_weight=0.0) -> io.NodeOutput:
         node = node_id(cls)
-        try:
-            path = embedding_path(name.strip())
-        except ValueError as e:
-            raise ValueError(f"name: {e}") from None
         if interval_start > interval_end:
             raise ValueError(f"interval_start ({interval_start}) must not exceed interval_end ({interval_end})")
-        resume = _resume_state(path, if_exists)
+        files, resume = RunFiles.open(name.strip(), if_exists, node)
         concept = concept_data(model, clip, vae, images, init, name.strip(), masks, flip)
         config = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, flip=flip,
                              templates=templates_for(templates, custom_templates), checkpoint_every=checkpoint_every)
@@ -288,7 +273,7 @@ class TrainTextualInversion(io.ComfyNode):
             config = replace(config, lr=learning_rate or m.lr)
             trainer = Trainer(host.text_side, host.denoiser, [concept], config, timesteps=m.sampler,
                               optimizer=m.optimizer, regularizers=_regularizers(l2_weight, contrastive_weight),
-                              resume=resume, checkpoint=lambda tr: save_checkpoint(tr, [path]),
+                              resume=resume, checkpoint=files.checkpoint,
                               metadata={k: str(v) for k, v in metadata.items()})
             start = trainer.step
             last = {}
@@ -299,17 +284,17 @@ class TrainTextualInversion(io.ComfyNode):
                 return reporter(info)
 
             try:
+                check_cancel()  # pressed while the images were encoded: stop before the first step
                 result = trainer.run(callback)
             except comfy.model_management.InterruptProcessingException:
-                if trainer.step > start:  # Cancel: keep the last good vectors, then let ComfyUI stop
-                    save_checkpoint(trainer, [path])
-                    log.info("training of %s cancelled at step %d; saved %s", name, trainer.step, path)
+                files.stopped(trainer, start, "cancelled")  # keep the last good vectors, then let ComfyUI stop
                 raise
             except TrainingDiverged as e:
-                if trainer.step > start:
-                    save_checkpoint(trainer, [path])
-                raise ValueError(f"{e} Saved the last good vectors (step {trainer.step}) to {path}.") from None
-            written = save_checkpoint(trainer, [path])[0]
+                where = files.stopped(trainer, start, "diverged")
+                kept = f"Saved the last good vectors (step {trainer.step}) to {where}." if where else \
+                    "Nothing was saved: no step of this run was usable."
+                raise ValueError(f"{e} {kept}") from None
+            written = files.finish(trainer)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
                                   total=steps, last_info=last.get("info"))
         chart = charts.loss_chart(payload)[None]
@@ -317,3 +302,8 @@ class TrainTextualInversion(io.ComfyNode):
 
 
 NODES = [GradNormProfiler, TrainTextualInversion]
+
+try:  # older versions kept <name>.state.safetensors in models/embeddings, where every UI lists it
+    migrate_side_files()
+except Exception as _e:  # noqa: BLE001 - never keep ComfyUI from starting over a file move
+    log.warning("could not move old training-state files out of models/embeddings: %s", _e)

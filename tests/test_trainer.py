@@ -267,3 +267,105 @@ def test_checkpoint_files_resume_exactly_and_embedding_alone_resumes(tiny, tmp_p
     warm = make(resume=state_from_embedding(saved[0][0]))
     assert warm.step == 3 and torch.equal(warm.params["clip_l"].detach(), emb.vectors["clip_l"])
     assert warm.run().steps_done == 8
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_empty_mask_error_names_the_image(tiny, flip):
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    masks = torch.ones(5, 16, 16)
+    masks[2] = 0  # image 3 of 5: e.g. a fully transparent image, or Load Image's (inverted) MASK
+    masks[4] = 0
+    with pytest.raises(ValueError, match=r"masks: the concept masks of image 3 of 5, image 5 of 5 are empty") as e:
+        prepare_concept(tiny.latents, concept_images(5), emb, masks=masks, flip=flip)
+    assert "Invert Mask" in str(e.value) and "remove that image" in str(e.value)
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{} in {style}", ["'{} in {style}'", "'{style}'", "write '{} in style'", "'{{style}}'"]),
+    ("a {0} photo", ["'{0}'", "write 'a {} photo'"]),
+    ("a {!r}", ["'{!r}'", "write 'a {}'"]),
+    ("a {:>9}", ["'{:>9}'"]),
+    ("a { photo of {}", ["lone '{'", "'{{'"]),
+    ("a photo of {}}", ["lone", "'}}'"]),
+    ("a {} and a {}", ["has 2 '{}'"]),
+    ("a photo", ["has no '{}'"]),
+])
+def test_templates_need_one_plain_field(template, words):
+    from inversion.prompts import check_templates
+
+    with pytest.raises(ValueError, match="exactly one") as e:
+        check_templates(["a photo of {}", template])
+    assert all(w in str(e.value) for w in words), str(e.value)
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainConfig(templates=(template,)).validate()
+
+
+def test_templates_may_have_literal_braces():
+    from inversion.prompts import check_templates
+
+    ok = ("{{style}} a photo of {}", "a {} in {{braces}}")
+    assert check_templates(ok) == ok
+    assert [t.format("<x>") for t in ok] == ["{style} a photo of <x>", "a <x> in {braces}"]
+
+
+def test_norm_guard_warns_once_then_stops_and_keeps_the_last_sane_vectors(tiny):
+    # lr 0.05 on the tiny model: the ratio climbs ~1.9, 2.9, 3.7, ... 6.3 (step 7): a warning, then a stop
+    tr = _trainer(tiny, steps=40, lr=0.05, norm_warn=3.0, norm_stop=6.0)
+    warned, seen = [], []
+
+    def cb(info):
+        seen.append(tr.norm_ratio()[0])
+        warned.extend((info.step, w) for w in info.warnings)
+
+    with pytest.raises(TrainingDiverged, match=r"exploded.*times the largest word.*Lower the learning rate") as e:
+        tr.run(cb)
+    assert len(warned) == 1 and "times the largest word" in warned[0][1]  # once, not every step
+    assert seen[warned[0][0] - 1] > 3.0 >= max(seen[:warned[0][0] - 1], default=0)
+    # rolled back to the last step within norm_warn: the step count, history and vectors agree
+    sane = warned[0][0] - 1
+    assert tr.step == sane and tr.history.step == list(range(1, sane + 1))
+    assert tr.norm_ratio()[0] <= 3.0 and sane >= 1
+    kept = e.value.embeddings[0]
+    assert kept.metadata["steps"] == str(sane)
+    assert torch.equal(kept.vectors["clip_l"], tr.params["clip_l"].detach().cpu())
+    assert tr.state().optimizer == {}  # its moments belong to later steps: a resume restarts it
+
+
+def test_norm_guard_is_off_at_zero_and_quiet_in_a_normal_run(tiny):
+    quiet = _trainer(tiny, steps=10, lr=5e-3)
+    assert not [w for info in [quiet.train_step() for _ in range(10)] for w in info.warnings]
+    assert quiet.norm_ratio()[0] < 8
+    off = _trainer(tiny, steps=5, lr=0.5, norm_warn=0, norm_stop=0)
+    assert off.run().steps_done == 5
+    with pytest.raises(ValueError, match="norm_stop >= norm_warn"):
+        TrainConfig(norm_warn=10, norm_stop=5).validate()
+
+
+def test_state_file_goes_where_asked_and_a_bad_one_says_what_to_do(tiny, tmp_path):
+    from inversion.checkpoint import StateFileError, is_state_file, load_state, read_state_meta, save_checkpoint
+
+    tr = _trainer(tiny, steps=2)
+    tr.run()
+    state = tmp_path / "runs" / "toy" / "state.safetensors"
+    written = save_checkpoint(tr, [tmp_path / "emb" / "toy.safetensors"], state_path=state)
+    assert [p.name for p in written] == ["toy.safetensors"] and is_state_file(state) and not is_state_file(written[0])
+    assert read_state_meta(state)["embeddings_written"] == "1"
+    assert not list((tmp_path / "emb").glob("*.state.*"))
+    assert save_checkpoint(tr, [tmp_path / "other.safetensors"], state_path=state, write_embeddings=False) == []
+    assert not (tmp_path / "other.safetensors").exists() and read_state_meta(state)["embeddings_written"] == "0"
+    assert load_state(state).step == 2
+    state.write_bytes(b"not a safetensors file")
+    with pytest.raises(StateFileError, match="Delete it.*if_exists = overwrite"):
+        load_state(state)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(state), metadata={"history": "{}"})
+    with pytest.raises(StateFileError, match="not a state this trainer wrote"):
+        load_state(state)
+
+
+def test_names_ending_in_state_are_refused():
+    from inversion.embedding import validate_name
+
+    with pytest.raises(ValueError, match=r"ends in '\.state'.*choose a name without it"):
+        validate_name("my-concept.State")
+    assert validate_name("my.stately") == "my.stately"

@@ -62,7 +62,7 @@ def test_every_node_is_registered_with_tooltips(comfyui, server):
     assert any(e.endswith(f"/{sp.PACK_FOLDER}/js/inversion_charts.js") for e in exts), exts
 
 
-def _workflow(ckpt: str, name: str, steps: int) -> dict:
+def _workflow(ckpt: str, name: str, steps: int, if_exists: str = "error", checkpoint_every: int = 0) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "InversionLoadConceptImages",
@@ -75,7 +75,7 @@ def _workflow(ckpt: str, name: str, steps: int) -> dict:
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "init": ["3", 0],
                          "masks": ["2", 1], "name": name, "method": "adaptive", "steps": steps, "batch_size": 1,
                          "learning_rate": 0.0, "seed": 0, "templates": "object", "custom_templates": "",
-                         "if_exists": "error", "checkpoint_every": 0}},
+                         "if_exists": if_exists, "checkpoint_every": checkpoint_every}},
     }
 
 
@@ -142,3 +142,26 @@ def test_cancel_over_http_keeps_the_last_good_vectors(comfyui, server):
     saved = comfyui.mod("inversion.formats").load_embedding(path)
     # Cancel is honoured at the end of the step in progress: at most one step after the request.
     assert 1 <= int(saved.metadata["steps"]) == steps[-1] <= 3
+
+
+def test_cancel_never_replaces_an_existing_embedding_and_no_side_file_is_listed(comfyui, server):
+    """Issue 17, case 1 and the side files: Cancel in an overwrite run leaves the earlier file as it was;
+    the run's state lives in models/inversion_runs and GET /embeddings lists only embeddings."""
+    path = os.path.join(server.base_dir, "models", "embeddings", "served-kept.safetensors")
+    res = asyncio.run(_run_prompt(server.url, _workflow(server.ckpt, "served-kept", 2, checkpoint_every=1)))
+    assert "execution_success" in [e["type"] for e in res["events"]], server.log_tail()
+    before = open(path, "rb").read()
+    res = asyncio.run(_run_prompt(server.url, _workflow(server.ckpt, "served-kept", 200, "overwrite", 1),
+                                  interrupt_after_step=1))
+    assert "execution_interrupted" in [e["type"] for e in res["events"]], server.log_tail()
+    assert open(path, "rb").read() == before  # the 2-step file, not the cancelled run's 1-step vectors
+    warnings = [e["data"]["message"] for e in res["events"] if e["type"] == "inversion.warning"]
+    assert any("unchanged" in w and "resume" in w for w in warnings), warnings
+    run = os.path.join(server.base_dir, "models", "inversion_runs", "served-kept")
+    formats = comfyui.mod("inversion.formats")
+    assert int(formats.load_embedding(os.path.join(run, "served-kept.safetensors")).metadata["steps"]) >= 1
+    assert os.path.isfile(os.path.join(run, "state.safetensors"))
+    listed = server.get("/embeddings")
+    assert "served-kept" in listed and not [e for e in listed if ".state" in e or "inversion_runs" in e], listed
+    embeddings = os.listdir(os.path.dirname(path))
+    assert not [f for f in embeddings if f.endswith(".state.safetensors")], embeddings

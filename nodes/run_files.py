@@ -1,0 +1,198 @@
+"""Where a training run keeps its files, and when it may replace an embedding.
+
+- ``models/embeddings/<name>.safetensors``: the embedding every UI loads. An existing one is
+  replaced only by a run that has earned it: a run that reaches its last step (or stops early by
+  its own rule). A cancelled or diverged run with ``if_exists = overwrite`` leaves it untouched
+  (issue 17: Cancel at step 1 used to replace a trained file with a 1-step one).
+- ``models/inversion_runs/<name>/``: the pack's own folder for a run. ``state.safetensors`` (the
+  optimiser, sampler and history, so a run resumes exactly) and, while the file in
+  ``models/embeddings`` is protected, ``<name>.safetensors``: the unfinished run's embedding.
+  Nothing here is listed by ComfyUI's ``/embeddings`` or scanned by other UIs (a state file
+  beside the embedding was offered as ``embedding:<name>.state`` and crashed the prompt).
+
+Older versions wrote ``<name>.state.safetensors`` beside the embedding; ``migrate_side_files``
+moves those (only files whose header is a training state) into the runs folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import folder_paths
+
+from ..inversion.checkpoint import (STATE_SUFFIX, is_state_file, load_state, read_state_meta, save_checkpoint,
+                                    state_from_embedding)
+from ..inversion.embedding import validate_name
+from ..inversion.formats import load_embedding, save_embedding
+from ..inversion.trainer import Trainer, TrainState
+from .comfy_run import embedding_path, warn_user
+
+__all__ = ["RUNS", "RunFiles", "runs_dir", "migrate_side_files"]
+
+log = logging.getLogger(__name__)
+
+RUNS = "inversion_runs"
+IF_EXISTS = ("error", "overwrite", "resume")
+
+
+def _register() -> None:
+    folder_paths.add_model_folder_path(RUNS, os.path.join(folder_paths.models_dir, RUNS), is_default=True)
+
+
+_register()
+
+
+def runs_dir() -> Path:
+    """``models/inversion_runs`` (the first folder registered under that name)."""
+    return Path(folder_paths.get_folder_paths(RUNS)[0])
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError:  # another file system
+        shutil.move(str(src), str(dst))
+
+
+def migrate_side_files(name: str | None = None) -> list[tuple[Path, Path]]:
+    """Move old ``<stem>.state.safetensors`` side files out of the embeddings folders.
+
+    Only files whose header is a training state are moved (an embedding someone named
+    ``x.state`` stays); a run folder that already has a state gets the old one as
+    ``legacy.state.safetensors``. ``name`` limits the sweep to that concept.
+    """
+    moved = []
+    for folder in folder_paths.get_folder_paths("embeddings"):
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        pattern = f"{name}{STATE_SUFFIX}" if name else f"*{STATE_SUFFIX}"
+        for src in sorted(root.glob(pattern)):
+            if not src.is_file() or not is_state_file(src):
+                continue
+            stem = src.name[: -len(STATE_SUFFIX)]
+            try:
+                validate_name(stem)
+            except ValueError:
+                continue
+            dst = runs_dir() / stem / "state.safetensors"
+            if dst.exists():
+                dst = dst.with_name("legacy.state.safetensors")
+            try:
+                _move(src, dst)
+            except OSError as e:
+                log.warning("could not move the training-state file %s to %s: %s", src, dst, e)
+                continue
+            log.info("moved the training-state file %s to %s (kept out of models/embeddings)", src, dst)
+            moved.append((src, dst))
+    return moved
+
+
+def _same_vectors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(a[k].shape == b[k].shape and torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+@dataclass
+class RunFiles:
+    """The files of one concept's run, and whether its embedding file is protected."""
+
+    name: str
+    embedding: Path  # models/embeddings/<name>.safetensors
+    folder: Path  # models/inversion_runs/<name>
+    protected: bool  # an existing embedding this run has not yet earned the right to replace
+    node: str | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.folder / "state.safetensors"
+
+    @property
+    def unfinished(self) -> Path:
+        """The run's embedding while ``embedding`` is protected (beside its state)."""
+        return self.folder / f"{self.name}.safetensors"
+
+    @classmethod
+    def of(cls, name: str, node: str | None = None) -> "RunFiles":
+        """The files of concept ``name`` (nothing is read or written)."""
+        try:
+            path = Path(embedding_path(name))
+        except ValueError as e:
+            raise ValueError(f"name: {e}") from None
+        return cls(name, path, runs_dir() / name, protected=path.exists(), node=node)
+
+    @classmethod
+    def open(cls, name: str, if_exists: str, node: str | None = None) -> tuple["RunFiles", TrainState | None]:
+        """The run's files, and the state to resume from (None: a fresh run). Errors name the input."""
+        if if_exists not in IF_EXISTS:
+            raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}, got {if_exists!r}")
+        files = cls.of(name, node)
+        migrate_side_files(name)
+        path, exists = files.embedding, files.embedding.exists()
+        if exists and if_exists == "error":
+            raise ValueError(f"name: {path} already exists. Choose another name, or set if_exists to 'overwrite' "
+                             "(train anew; the file is replaced when the new run completes) or 'resume' (continue "
+                             "training it)")
+        if if_exists != "resume":
+            return files, None
+        return files, files._resume_state()
+
+    def _resume_state(self) -> TrainState | None:
+        exists = self.embedding.exists()
+        meta = read_state_meta(self.state) if self.state.exists() else None
+        if self.state.exists() and meta is None:
+            load_state(self.state)  # raises the StateFileError that says what to do
+        if meta is not None and meta.get("embeddings_written") == "0":
+            state = load_state(self.state)  # an unfinished run that had not earned the file yet
+            if exists:
+                warn_user(self.node, f"resuming the unfinished run of {self.name} at step {state.step} (kept in "
+                          f"{self.folder}); {self.embedding.name} is replaced only when it completes")
+            return state
+        if not exists:
+            return None
+        if meta is not None:
+            state = load_state(self.state)
+            if _same_vectors(state.vectors, load_embedding(self.embedding).vectors):
+                self.protected = False  # the file is this run's own checkpoint
+                return state
+            warn_user(self.node, f"{self.state} does not match {self.embedding.name} (the file was replaced after "
+                      "that run): resuming from the embedding alone; the optimiser restarts")
+        self.protected = False
+        return state_from_embedding(self.embedding)
+
+    def checkpoint(self, trainer: Trainer) -> Path:
+        """Save the run so far: into models/embeddings, or beside its state while that file is protected."""
+        if self.protected:
+            save_embedding(trainer.embeddings()[0], self.unfinished, overwrite=True)
+            save_checkpoint(trainer, [self.embedding], state_path=self.state, write_embeddings=False)
+            return self.unfinished
+        return save_checkpoint(trainer, [self.embedding], state_path=self.state)[0]
+
+    def stopped(self, trainer: Trainer, start: int, why: str) -> Path | None:
+        """Keep what a cancelled or diverged run learned, without replacing a file it has not earned."""
+        if trainer.step <= start:
+            return None
+        where = self.checkpoint(trainer)
+        if self.protected:
+            warn_user(self.node, f"{why} at step {trainer.step}: {self.embedding.name} (an earlier run) is unchanged; "
+                      f"this run's vectors are in {where}. Queue again with if_exists = resume to continue it")
+        else:
+            log.info("%s at step %d; saved %s", why, trainer.step, where)
+        return where
+
+    def finish(self, trainer: Trainer) -> Path:
+        """The run completed: it has earned the embedding file."""
+        self.protected = False
+        written = self.checkpoint(trainer)
+        self.unfinished.unlink(missing_ok=True)
+        return written
+
+    def fingerprint(self) -> str:
+        """Changes when a resume would start from somewhere else."""
+        return "|".join(f"{os.path.getmtime(p)}" if p.exists() else "-" for p in (self.embedding, self.state))
