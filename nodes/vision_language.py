@@ -4,7 +4,9 @@
   (seeds/001): typed by hand, the caption of the concept images by a local captioning model
   (``models/captioners/<model folder>``), or their zero-shot class label by an open_clip model
   (``models/open_clip``). A MASK crops the region of interest first. This is the pack's only
-  CaptionInit node; the manual mode needs no extra model.
+  CaptionInit node; the manual mode needs no extra model. Besides the installed models, each combo
+  offers a few "<name> (download)" entries (``inversion.download``): picked and run, the model is
+  fetched once into its folder, with a toast, a log line and a byte progress bar.
 - **InversionOVIPrior** -- a training-free diffusion prior (seeds/004): a CLIP image embedding
   optimised from pseudo-tokens toward the prompt's text embedding, output as a CLIP_VISION_OUTPUT
   whose ``image_embeds`` is 2-D [1, D] so the stock unCLIPConditioning node takes it (a 1-D tensor
@@ -13,7 +15,8 @@
   CLIP_VISION model), saved to ``models/ovi_stats`` for OVIPrior's constraints.
 
 Model folders are registered with ``folder_paths`` (so ``extra_model_paths.yaml`` can add more):
-``captioners``, ``open_clip``, ``ovi_stats``. Nothing is ever downloaded.
+``captioners``, ``open_clip``, ``ovi_stats``. Nothing is downloaded unless the user picks a
+"(download)" entry; ``HF_HUB_OFFLINE=1`` refuses even that, ``HF_ENDPOINT`` names a mirror.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..inversion import caption as captioning
-from ..inversion import charts, classify, dataset, ovi
+from ..inversion import charts, classify, dataset, download, ovi
 from ..inversion import init as init_vectors
 from ..inversion.embedding import LearnedEmbedding
 from .comfy_host import comfy_text_side
+from .comfy_run import warn_user
 from .types import InitType
 
 __all__ = ["NODES", "CaptionInit", "OVIPrior", "BuildImageStats", "comfy_vision_tower", "ComfyClipTextTower"]
@@ -63,12 +67,63 @@ def _dirs(name: str) -> list[str]:
     return folder_paths.get_folder_paths(name)
 
 
+# The downloadable models of each folder: combo label -> hub model (inversion.download's curated lists).
+_DOWNLOADS = {CAPTIONERS: {m.label: m for m in download.CAPTIONERS},
+              OPEN_CLIP: {m.label: m for m in download.OPEN_CLIP}}
+
+
+def _installed(found: dict) -> list[str]:
+    # a download in progress (<folder>.partial) is not a model yet
+    return sorted(n for n in found if not n.split("/")[-1].endswith(download.PARTIAL_SUFFIX))
+
+
 def _captioner_names() -> list[str]:
-    return sorted(captioning.find_captioners(_dirs(CAPTIONERS))) or [NONE]
+    # "none" stays first whatever is installed: saved manual-mode workflows hold it
+    return [NONE, *_installed(captioning.find_captioners(_dirs(CAPTIONERS))), *_DOWNLOADS[CAPTIONERS]]
 
 
 def _open_clip_names() -> list[str]:
-    return sorted(classify.find_open_clip_models(_dirs(OPEN_CLIP))) or [NONE]
+    return [NONE, *_installed(classify.find_open_clip_models(_dirs(OPEN_CLIP))), *_DOWNLOADS[OPEN_CLIP]]
+
+
+def _sizes(kind: str) -> str:
+    return ", ".join(f"{m.folder}: {m.repo}, about {m.size}" for m in _DOWNLOADS[kind].values())
+
+
+def _model_name(kind: str, name: str) -> str:
+    """The on-disk name a combo entry stands for ("x (download)" -> "x"), without downloading."""
+    entry = _DOWNLOADS[kind].get(name)
+    return name if entry is None else entry.folder
+
+
+def _fetch(kind: str, name: str, node_id: str | None) -> str:
+    """The on-disk name of combo entry ``name``, downloading a "(download)" entry that is not installed yet."""
+    entry = _DOWNLOADS[kind].get(name)
+    if entry is None:
+        return name
+    found = (captioning.find_captioners if kind == CAPTIONERS else classify.find_open_clip_models)(_dirs(kind))
+    if entry.folder in found:
+        return entry.folder
+    parent = Path(_dirs(kind)[0])
+    if (parent / entry.folder).exists():  # complete: used as is; incomplete: an error that says so
+        download.download(entry, parent)
+        return entry.folder
+    files = download.plan(entry, parent)
+    size = sum(f.size or 0 for f in files) or None
+    warn_user(node_id, f"Downloading {entry.repo} ({len(files)} files, {download.format_size(size)}) from "
+                       f"{download.endpoint()} to {parent / entry.folder}; this happens once.")
+    bar = comfy.utils.ProgressBar(max(1, size or 1), node_id=node_id)
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if done - shown[0] >= total // 200 or done >= total:  # ~200 bar updates, not one per MiB
+            shown[0] = done
+            bar.update_absolute(done, max(1, total))
+
+    dest = download.download(entry, parent, progress, files=files)
+    log.info("downloaded %s to %s", entry.repo, dest)
+    return entry.folder
 
 
 def _stats_names() -> list[str]:
@@ -275,7 +330,9 @@ class CaptionInit(io.ComfyNode):
                 "Sentence): typed by hand (manual), a caption of the concept images from a local captioning "
                 "model in models/captioners (caption), or their zero-shot class from an open_clip model in "
                 "models/open_clip (class). An optional mask crops the object first. Captions and vectors "
-                "follow the init text, which you can edit downstream."
+                "follow the init text, which you can edit downstream. The '(download)' entries of captioner "
+                "and open_clip_model are fetched from Hugging Face into those folders the first time they "
+                "run (with a progress bar); after that they are ordinary installed models."
             ),
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP of the checkpoint you will train on: the vectors are "
@@ -293,12 +350,16 @@ class CaptionInit(io.ComfyNode):
                               tooltip="Region of interest: each image is cropped to the mask's bounding box "
                               "(plus a margin) before captioning or classifying. One mask or one per image."),
                 io.Combo.Input("captioner", options=_captioner_names(),
-                               tooltip="Captioning model folder in models/captioners (BLIP, BLIP-2, GIT or "
-                               "transformers-native Florence-2; config.json + weights + processor files)."),
+                               tooltip="caption mode: a captioning model folder in models/captioners (BLIP, "
+                               "BLIP-2, GIT or transformers-native Florence-2; config.json + weights + processor "
+                               "files). '... (download)' fetches that model from Hugging Face into "
+                               "models/captioners on its first run (" + _sizes(CAPTIONERS) + ")."),
                 io.Combo.Input("open_clip_model", options=_open_clip_names(),
-                               tooltip="open_clip model in models/open_clip: a hub folder with "
+                               tooltip="class mode: an open_clip model in models/open_clip: a hub folder with "
                                "open_clip_config.json, or a weights file named after its architecture "
-                               "(e.g. ViT-B-32-laion2b_s34b_b79k.safetensors)."),
+                               "(e.g. ViT-B-32-laion2b_s34b_b79k.safetensors). '... (download)' fetches that "
+                               "model from Hugging Face into models/open_clip on its first run ("
+                               + _sizes(OPEN_CLIP) + ")."),
                 io.String.Input("labels", default="", multiline=True,
                                 tooltip="class mode: your labels, one per line (or comma-separated). "
                                 "Empty = the 1000 ImageNet class names shipped with the pack."),
@@ -320,14 +381,17 @@ class CaptionInit(io.ComfyNode):
                 io.String.Output("captions", display_name="captions", tooltip="Every image's caption or top labels, one per line, "
                                  "numbered for 'choose'."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def fingerprint_inputs(cls, mode, captioner=NONE, open_clip_model=NONE, **_):
         if mode == "caption":
-            return _folder_mtime(captioning.find_captioners(_dirs(CAPTIONERS)).get(captioner))
+            name = _model_name(CAPTIONERS, captioner)
+            return _folder_mtime(captioning.find_captioners(_dirs(CAPTIONERS)).get(name))
         if mode == "class":
-            return _folder_mtime(classify.find_open_clip_models(_dirs(OPEN_CLIP)).get(open_clip_model))
+            name = _model_name(OPEN_CLIP, open_clip_model)
+            return _folder_mtime(classify.find_open_clip_models(_dirs(OPEN_CLIP)).get(name))
         return 0.0
 
     @classmethod
@@ -344,10 +408,13 @@ class CaptionInit(io.ComfyNode):
                 raise ValueError(f"images: {mode} mode needs the concept images connected")
             imgs = _images_bchw(images)
             masks = None if mask is None else mask.float().cpu()
+            node = None if cls.hidden is None else cls.hidden.unique_id
             if mode == "caption":
-                init_text, guessed, listing = cls._caption(imgs, masks, captioner, choose, max_new_tokens)
+                name = _fetch(CAPTIONERS, captioner, node)
+                init_text, guessed, listing = cls._caption(imgs, masks, name, choose, max_new_tokens)
             else:
-                init_text, guessed, listing = cls._classify(imgs, masks, open_clip_model, labels, choose)
+                name = _fetch(OPEN_CLIP, open_clip_model, node)
+                init_text, guessed, listing = cls._classify(imgs, masks, name, labels, choose)
         else:
             raise ValueError(f"mode must be manual, caption or class, got {mode!r}")
         word = (class_word or "").strip() or guessed
@@ -362,9 +429,10 @@ class CaptionInit(io.ComfyNode):
     def _caption(imgs, masks, name, choose, max_new_tokens):
         if name == NONE or not name:
             raise ValueError(
-                "captioner: no captioning model found; looked in: " + ", ".join(_dirs(CAPTIONERS))
-                + ". Put a transformers folder (BLIP, BLIP-2, GIT or Florence-2) there, e.g. "
-                "models/captioners/blip-image-captioning-large/ with config.json, weights and processor files"
+                "captioner: no captioning model chosen. Pick '" + download.CAPTIONERS[0].label + "' to fetch "
+                "one on the first run, or put a transformers folder (BLIP, BLIP-2, GIT or Florence-2) in one of "
+                + ", ".join(_dirs(CAPTIONERS)) + ", e.g. models/captioners/blip-image-captioning-large/ with "
+                "config.json, weights and processor files, and pick it"
             )
         model = _load_captioner(name)
         device, _ = _compute_device_dtype()
@@ -383,9 +451,10 @@ class CaptionInit(io.ComfyNode):
     def _classify(imgs, masks, name, labels, choose):
         if name == NONE or not name:
             raise ValueError(
-                "open_clip_model: no open_clip model found; looked in: " + ", ".join(_dirs(OPEN_CLIP))
-                + ". Put an open_clip hub folder (open_clip_config.json + open_clip_model.safetensors) or a "
-                "file such as ViT-B-32-laion2b_s34b_b79k.safetensors there"
+                "open_clip_model: no open_clip model chosen. Pick '" + download.OPEN_CLIP[0].label + "' to "
+                "fetch one on the first run, or put an open_clip hub folder (open_clip_config.json + "
+                "open_clip_model.safetensors) or a file such as ViT-B-32-laion2b_s34b_b79k.safetensors in one of "
+                + ", ".join(_dirs(OPEN_CLIP)) + " and pick it"
             )
         label_list = classify.parse_labels(labels) if labels.strip() else classify.imagenet_classes()
         model = _load_open_clip(name)
@@ -565,6 +634,10 @@ class BuildImageStats(io.ComfyNode):
             # centre crops at the encoder's resolution: what CLIP's own preprocessing would keep
             found = dataset.load_concept_folder(root, size=int(clip_vision.image_size), mode="crop",
                                                 alpha_as_mask=False)
+            if found.skipped:
+                node = None if cls.hidden is None else cls.hidden.unique_id
+                warn_user(node, f"skipped {len(found.skipped)} image(s) in {root}: "
+                          + "; ".join(f"{n} ({why})" for n, why in found.skipped))
             batches.append(found.images.movedim(1, -1))
         if not batches:
             raise ValueError("images/folder: connect images or give a folder of images (at least 2)")

@@ -6,7 +6,8 @@ A ComfyUI server with this pack in ``custom_nodes`` is started (``tests/comfy/se
 and opened in headless chromium (``tests/comfy/cdp.py``). Each workflow below is built in the page
 with the frontend's own node classes (``LiteGraph.createNode``, widgets set by name, sockets
 connected by name), laid out in columns, and saved with ``app.graph.serialize()``: exactly the JSON
-the editor saves, widget values in the order the frontend expects. A screenshot of the graph,
+the editor saves, widget values in the order the frontend expects. A loader's ``models`` (its model
+files with download URLs) go into the node's ``properties.models``, as in ComfyUI's templates. A screenshot of the graph,
 scaled down, is the thumbnail ComfyUI's template browser shows (``<stem>.jpg``).
 
 The node schemas the workflows use are written to ``tests/workflow_nodes.json`` so that
@@ -61,6 +62,8 @@ async (spec) => {
       if (!w) throw new Error(`${n.type} has no widget ${name}; it has ${(node.widgets || []).map((w) => w.name)}`);
       w.value = value;
     }
+    // the model files a loader needs: ComfyUI's missing-models dialog offers their download
+    if (n.models) node.properties = {...(node.properties || {}), models: n.models};
     if (n.type === "Note" || n.type === "MarkdownNote") {
       node.color = spec.note_color[0];
       node.bgcolor = spec.note_color[1];

@@ -1,7 +1,9 @@
 """The example workflows, as data: nodes (type, widget values by name) and links (by socket name).
 
 ``tools/build_examples.py`` turns each into the JSON the ComfyUI editor saves. Every workflow has a
-Note that says what it does and what to change first.
+Note that says what it does and what to change first, and every model loader declares the model
+file it names (``properties.models``: name, download URL, models sub-folder), which ComfyUI's
+missing-models dialog offers to download, as in ComfyUI's own templates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class N:
     col: int | None = None  # layout column; default: depth along the links within its row
     size: tuple[int, int] | None = None
     row: int = 0  # layout band: rows are stacked top to bottom
+    models: list[dict[str, str]] | None = None  # properties.models: the files a loader needs, with URLs
 
 
 @dataclass
@@ -34,10 +37,25 @@ def note(*paragraphs: str, size: tuple[int, int] = (440, 320)) -> N:
     return N("note", "Note", {"text": "\n\n".join(paragraphs)}, col=0, size=size)
 
 
-SD15 = "v1-5-pruned-emaonly.safetensors"
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 UNCLIP = "sd21-unclip-h.ckpt"
 CONCEPT = "my-concept"
+
+# Where each checkpoint comes from. The frontend's dialog downloads only .safetensors/.sft files (or
+# URLs on its own allow-list); for the unCLIP .ckpt, which exists in no other format, it still shows
+# the name, folder and URL to fetch by hand.
+MODELS = {
+    SD15: "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/" + SD15,
+    SDXL: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/" + SDXL,
+    UNCLIP: "https://huggingface.co/stabilityai/stable-diffusion-2-1-unclip/resolve/main/" + UNCLIP,
+}
+
+
+def checkpoint(name: str, loader: str = "CheckpointLoaderSimple") -> N:
+    """A checkpoint loader that declares its file: ComfyUI offers the download when it is missing."""
+    return N("ckpt", loader, {"ckpt_name": name},
+             models=[{"name": name, "url": MODELS[name], "directory": "checkpoints"}])
 
 
 def load_images(size: int = 512) -> N:
@@ -100,7 +118,7 @@ WORKFLOWS: list[W] = [
              "(one vector per token), timesteps are drawn uniformly from [0, 1000) and AdamW updates the "
              "vectors. The reference method: comparable with A1111 and diffusers; the other examples converge "
              "faster.", SETUP, USE),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
         train("vanilla", 3000),
@@ -117,7 +135,7 @@ WORKFLOWS: list[W] = [
              "uniform sampling.",
              "interval_start / interval_end on the profiler are the suggested window; the profile output also "
              "seeds the adaptive methods.", SETUP, USE),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
         N("profiler", "InversionGradNormProfiler", {"bins": 20, "samples_per_bin": 4, "batch_size": 4, "window": 100,
@@ -140,7 +158,7 @@ WORKFLOWS: list[W] = [
              "uniform draws ('explore') keeps every bin measured. The chart on the trainer shows the running g(t) "
              "estimate per bin next to the loss and the sampled timesteps.",
              "adaptive_bins sets the resolution of the estimate (20 bins of 50 timesteps).", SETUP, USE),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
         train("adaptive", 1000, adaptive_bins=20),
@@ -157,7 +175,7 @@ WORKFLOWS: list[W] = [
              "Set class_word to what the concept is ('toy', 'dog', 'mug'); empty takes Caption Init's class "
              "word. The chart shows the vector norm sitting on m* (dashed). learning_rate 0 = 0.01 rad per step.",
              SETUP, USE),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a plush toy", "class_word": "toy"}),
         train("directional", 1000, class_word="toy", kappa=1e-4),
@@ -170,14 +188,17 @@ WORKFLOWS: list[W] = [
              "Instead of one hand-picked word, the embedding starts as a whole sentence: Caption Init describes "
              "your images with a local captioning model and makes one vector per token of the caption, so "
              "training starts close to the concept and needs fewer steps.",
-             "Put a transformers captioning model folder (BLIP, BLIP-2, GIT or Florence-2) in "
-             "models/captioners/, e.g. models/captioners/blip-image-captioning-large/, then pick it in "
-             "'captioner'. Nothing is downloaded. mode = class uses an open_clip model in models/open_clip "
-             "instead and takes the top ImageNet label (or your own labels). The captions preview lists every "
-             "image's caption; 'choose' picks one (-1 = consensus).", SETUP, USE, size=(460, 400)),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+             "'captioner' is set to blip-image-captioning-large (download): the first run fetches it from "
+             "Hugging Face (about 1.9 GB) into models/captioners/ with a progress bar, later runs use it "
+             "from disk. Or put any transformers captioning folder (BLIP, BLIP-2, GIT or Florence-2) in "
+             "models/captioners/ and pick it. mode = class uses an open_clip model in models/open_clip "
+             "instead (ViT-B-32-laion2b_s34b_b79k (download) fetches one) and takes the top ImageNet label "
+             "(or your own labels). The captions preview lists every image's caption; 'choose' picks one "
+             "(-1 = consensus).", SETUP, USE, size=(460, 420)),
+        checkpoint(SD15),
         load_images(512),
-        N("init", "InversionCaptionInit", {"mode": "caption", "text": "", "choose": -1, "max_new_tokens": 30}),
+        N("init", "InversionCaptionInit", {"mode": "caption", "text": "", "choose": -1, "max_new_tokens": 30,
+                                           "captioner": "blip-image-captioning-large (download)"}),
         N("captions", "PreviewAny"),
         train("adaptive", 600),
         N("chart", "PreviewImage"),
@@ -192,7 +213,7 @@ WORKFLOWS: list[W] = [
              f"CLIP that understands the bare trigger word '{CONCEPT}'. ComfyUI then re-runs the prompt whenever "
              "the embedding changes (an overwritten file alone is not noticed by its cache), and 'strength' "
              "weights the concept.", size=(440, 300)),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         N("load", "InversionLoadEmbedding", {"file": f"{CONCEPT}.safetensors"}),
         N("apply", "InversionApplyLearnedEmbedding", {"trigger": CONCEPT, "strength": 1.0}),
         N("pos", "CLIPTextEncode", {"text": f"a photo of {CONCEPT} on a beach at sunset, detailed"}),
@@ -218,7 +239,7 @@ WORKFLOWS: list[W] = [
              "Train two concepts first (e.g. 04_directional_ti_class_prior twice, named concept-a and concept-b), "
              "then pick their files here. Save Embedding writes a blend you like to models/embeddings.",
              size=(440, 300)),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        checkpoint(SD15),
         N("a", "InversionLoadEmbedding", {"file": "concept-a.safetensors"}),
         N("b", "InversionLoadEmbedding", {"file": "concept-b.safetensors"}),
         N("slerp", "InversionEmbeddingSlerp", {"alpha": 0.5, "name": "a-b-blend"}),
@@ -245,12 +266,13 @@ WORKFLOWS: list[W] = [
              "by optimising pseudo-tokens through the CLIP vision model until its image embedding matches the "
              "prompt's text embedding (cosine similarity, charted per step); unCLIPConditioning then feeds it to "
              "the model with the same prompt.",
-             f"Needs the SD2.1 unCLIP-H checkpoint ({UNCLIP}) in models/checkpoints: its CLIP (ViT-H text side) "
+             f"Needs the SD2.1 unCLIP-H checkpoint ({UNCLIP}) in models/checkpoints, from "
+             f"{MODELS[UNCLIP]} (the missing-models dialog shows this link): its CLIP (ViT-H text side) "
              "and CLIP vision model share one space. Optional constraints: build statistics of your own images "
              "with Build Image Stats, pick them in image_stats, and set lambda_m (Mahalanobis, ~0.009) or "
              "lambda_n (nearest neighbour, ~0.5); lambda_m >= 0.05 collapses to a generic image.",
              size=(460, 360)),
-        N("ckpt", "unCLIPCheckpointLoader", {"ckpt_name": UNCLIP}),
+        checkpoint(UNCLIP, "unCLIPCheckpointLoader"),
         N("ovi", "InversionOVIPrior", {"prompt": "a red fox sitting in fresh snow, golden hour", "num_tokens": 1,
                                        "steps": 300, "lr": 0.05, "lambda_m": 0.0, "lambda_n": 0.0}),
         N("sim_chart", "PreviewImage"),
@@ -280,7 +302,7 @@ WORKFLOWS: list[W] = [
              "Memory: training back-propagates through the UNet at the image size; if 1024 px does not fit, "
              "set 768 in Load Concept Images (about half the activations, faster); the embedding still works "
              "at 1024 afterwards. An SDXL embedding only works with SDXL checkpoints.", SETUP, USE),
-        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}),
+        checkpoint(SDXL),
         load_images(1024),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
         train("adaptive", 800),

@@ -48,9 +48,27 @@ the embedding already says "a red plush toy dinosaur" before training begins.
 - **manual**: type the init text ("a toy", "a ceramic mug"); one vector per token.
 - **caption**: a local captioning model describes the connected images. Put a transformers
   folder (BLIP, BLIP-2, GIT or Florence-2) in `models/captioners/`, e.g.
-  `models/captioners/blip-image-captioning-large/`. Nothing is ever downloaded.
+  `models/captioners/blip-image-captioning-large/`, or pick
+  **blip-image-captioning-large (download)**.
 - **class**: an open_clip model from `models/open_clip/` classifies the images zero-shot over the
   ImageNet classes shipped with the pack, or over your **labels**; the top label is the init text.
+  **ViT-B-32-laion2b_s34b_b79k (download)** fetches one.
+
+## Downloads
+
+Nothing is downloaded unless you pick a **(download)** entry and run the node. Then, once, the
+model's files come from Hugging Face (`https://huggingface.co/<repo>/resolve/main/...`; the
+`HF_ENDPOINT` environment variable names a mirror) into `models/captioners/<name>/` or
+`models/open_clip/<name>/`: a toast and the server log say what, how big and where to, and the
+node's progress bar counts the bytes. The files land in `<name>.partial/` first and the folder
+takes its name when complete, so a cancelled or failed download leaves no half model. Later runs
+find the folder on disk and never touch the network. With `HF_HUB_OFFLINE=1`, or without a
+connection, the node stops with an error that lists the files to fetch by hand:
+
+| entry | Hugging Face repository | files | into |
+|---|---|---|---|
+| blip-image-captioning-large | `Salesforce/blip-image-captioning-large` (~1.9 GB) | `config.json`, `model.safetensors`, `preprocessor_config.json`, `tokenizer_config.json`, `tokenizer.json`, `vocab.txt`, `special_tokens_map.json` | `models/captioners/blip-image-captioning-large/` |
+| ViT-B-32-laion2b_s34b_b79k | `laion/CLIP-ViT-B-32-laion2B-s34B-b79K` (~0.6 GB) | `open_clip_config.json`, `open_clip_model.safetensors` | `models/open_clip/ViT-B-32-laion2b_s34b_b79k/` |
 
 A **mask** crops each image to the object first (the paper's "click on the object"). With several
 images, **choose** = -1 takes the consensus; the **captions** output lists each image's result
@@ -117,8 +135,12 @@ Parameters that only some methods read: **interval_start/end** (interval), **sin
 
 Typical: 500-1500 steps for adaptive / high_grad, 2000-5000 for vanilla. **batch_size** > 1
 averages more images per step (smoother, proportionally slower). **checkpoint_every** saves the
-embedding and a `.state` file so an interrupted run can continue with **if_exists = resume**.
-Cancel stops after the current step and keeps the last good vectors in the file.
+embedding, and the run's state in `models/inversion_runs/<name>/`, so an interrupted run can
+continue with **if_exists = resume**. Cancel stops after the current step and keeps the last good
+vectors. An existing file is replaced only by a run that completes: with **if_exists = overwrite**
+a cancelled run leaves it as it was and keeps its own vectors in `models/inversion_runs/<name>/`
+(resume continues that run). Vectors that grow far beyond the vocabulary's norms raise a warning
+(8x the largest word's) and, when they explode (50x), stop the run with the last sane vectors.
 
 ## Regularisers
 
