@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "ema", "nice_ticks", "to_image"]
+__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "ema", "nice_ticks", "font", "to_image"]
 
 # A light theme: these images end up in previews, saved PNGs and READMEs.
 BACKGROUND = (255, 255, 255)
@@ -46,7 +46,7 @@ WINDOW = (255, 236, 150)
 _FONTS: dict[int, Any] = {}
 
 
-def _font(size: int):
+def font(size: int):
     """PIL's bundled font at ``size`` px (Pillow >= 10.1 with FreeType), else its fixed bitmap font."""
     if size not in _FONTS:
         try:
@@ -177,7 +177,7 @@ class _Axes:
     def frame(self, title: str, xlabel: str, *, xint: bool = False, yint: bool = False) -> None:
         d, (left, top, right, bottom) = self.draw, self.box
         d.rectangle(self.box, fill=PANEL)
-        small = _font(11)
+        small = font(11)
         xs = [t for t in nice_ticks(*self.xlim, n=max(3, (right - left) // 80)) if self.xlim[0] <= t <= self.xlim[1]]
         ys = [t for t in nice_ticks(*self.ylim, n=max(3, (bottom - top) // 45)) if self.ylim[0] <= t <= self.ylim[1]]
         if xint:  # steps and timesteps are integers: no 2.5 ticks, no "2.0" labels
@@ -198,7 +198,7 @@ class _Axes:
             label = str(t) if isinstance(t, int) else _fmt(t, yspan)
             d.text((left - 6, y), label, fill=MUTED, font=small, anchor="rm")
         d.rectangle(self.box, outline=FRAME)
-        d.text((left, top - 6), title, fill=TEXT, font=_font(13), anchor="ld")
+        d.text((left, top - 6), title, fill=TEXT, font=font(13), anchor="ld")
         d.text(((left + right) / 2, bottom + 22), xlabel, fill=MUTED, font=small, anchor="ma")
 
     def line(self, xs: Sequence[float], ys: Sequence[float], color, width: int = 2) -> None:
@@ -239,7 +239,7 @@ class _Axes:
     def legend(self, items: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
         """A one-line key above the panel's right end (outside the plot, so it hides no data)."""
         _, top, right, _ = self.box
-        small = _font(11)
+        small = font(11)
         x, y = right, top - 10
         for label, color in reversed(items):
             d = self.draw
@@ -273,7 +273,7 @@ def _canvas(width: int, height: int, what: str) -> tuple[Image.Image, ImageDraw.
 def _message(draw: ImageDraw.ImageDraw, box, text: str) -> None:
     left, top, right, bottom = box
     draw.rectangle(box, fill=PANEL, outline=GRID)
-    draw.text(((left + right) / 2, (top + bottom) / 2), text, fill=MUTED, font=_font(13), anchor="mm")
+    draw.text(((left + right) / 2, (top + bottom) / 2), text, fill=MUTED, font=font(13), anchor="mm")
 
 
 # --------------------------------------------------------------------------- loss chart
@@ -315,7 +315,7 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
         head += f"   step {int(steps[-1])}" + (f"/{int(h['total'])}" if h.get("total") else "")
     if last:
         head += f"   loss {last[0]:.4g}"
-    d.text((12, 8), head, fill=TEXT, font=_font(15))
+    d.text((12, 8), head, fill=TEXT, font=font(15))
 
     ml, mr, gap = 58, 16, 56
     top_box = (ml, 54, width - mr, int(height * 0.56))
@@ -357,7 +357,7 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
             ax.line(vs, vnorm, NORM, width=2)
             if target is not None:  # dashed, on top: under DTI the norm sits exactly on it
                 ax.hline(target, TARGET)
-                d.text((box[2] - 4, ax.py(target) - 3), f"m* = {target:.3g}", fill=TARGET, font=_font(11),
+                d.text((box[2] - 4, ax.py(target) - 3), f"m* = {target:.3g}", fill=TARGET, font=font(11),
                        anchor="rd")
     return to_image(img)
 
@@ -405,7 +405,7 @@ def profile_chart(profile: Mapping[str, Any] | Any, *, window: tuple[int, int] |
     head = title or f"Gradient-norm profile g(t)   {done}/{len(mean)} bins"
     if window is not None:
         head += f"   {'window' if title else 'high-grad window'} [{window[0]}, {window[1]}]"
-    d.text((12, 8), head, fill=TEXT, font=_font(15))
+    d.text((12, 8), head, fill=TEXT, font=font(15))
     box = (64, 54, width - 18, height - 44)
     if not done:
         _message(d, box, "no bins measured yet")
@@ -418,7 +418,7 @@ def profile_chart(profile: Mapping[str, Any] | Any, *, window: tuple[int, int] |
     if window is not None:
         x0, x1 = ax.px(window[0]), ax.px(window[1] + 1)
         d.rectangle([x0, box[1] + 1, max(x0 + 1, x1), box[3] - 1], fill=WINDOW)
-        d.text(((x0 + x1) / 2, box[1] + 4), "high-grad", fill=TEXT, font=_font(11), anchor="ma")
+        d.text(((x0 + x1) / 2, box[1] + 4), "high-grad", fill=TEXT, font=font(11), anchor="ma")
     # the +-std band: one polygon per run of measured bins
     run: list[int] = []
     for i in list(range(len(mean))) + [None]:
@@ -461,7 +461,7 @@ def similarity_chart(values: Sequence[float] | Mapping[str, Sequence[float]], *,
     img, d = _canvas(width, height, "similarity chart")
     first = next(iter(series.values()), [])
     last = _finite(first[-1:])
-    d.text((12, 8), title + (f"   final {last[0]:.4f}" if last else ""), fill=TEXT, font=_font(15))
+    d.text((12, 8), title + (f"   final {last[0]:.4f}" if last else ""), fill=TEXT, font=font(15))
     box = (64, 48, width - 18, height - 44)
     allv = [x for v in series.values() for x in v]
     if not _finite(allv):
@@ -499,11 +499,11 @@ def curves_chart(series: Mapping[str, Sequence[float]], x: Sequence[float], *,
         if len(v) != len(xs):
             raise ValueError(f"curves_chart: series {name!r} has {len(v)} values for {len(xs)} x values")
     img, d = _canvas(width, height, "curves chart")
-    small = _font(11)
+    small = font(11)
     labels = list(curves) + list(refs)
     legend_w = (int(max(d.textlength(s, font=small) for s in labels)) + 34) if labels else 0
     box = (58, 40, width - legend_w - 16, height - 40)
-    d.text((12, 8), title, fill=TEXT, font=_font(15))
+    d.text((12, 8), title, fill=TEXT, font=font(15))
     vals = [y for v in curves.values() for y in v] + list(refs.values())
     if not _finite(vals) or not xs:
         _message(d, box, "no values")

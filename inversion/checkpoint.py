@@ -11,7 +11,8 @@ A checkpoint of a run at step s is
   Its header says whether the embedding files were written with it (``embeddings_written``), so a
   resume can tell the run's own embedding from one it must not replace yet.
 A plain embedding file also resumes (``state_from_embedding``): the vectors and the step count
-come back, the optimiser starts fresh.
+come back, the optimiser starts fresh. The state file is a safetensors file (tensors plus string
+metadata), written atomically by ``save_train_state`` and read by ``load_train_state`` (``safefile``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .embedding import LearnedEmbedding
-from .formats import load_embedding, load_train_state, save_embedding, save_train_state
+from .formats import load_embedding, save_embedding
+from .safefile import atomic_save_safetensors, read_safetensors, read_safetensors_header
 from .trainer import TrainHistory, Trainer, TrainState
 
 __all__ = ["save_checkpoint", "load_state", "read_state_meta", "is_state_file", "state_from_embedding",
-           "state_path_for", "StateFileError"]
+           "state_path_for", "StateFileError", "save_train_state", "load_train_state"]
 
 STATE_SUFFIX = ".state.safetensors"
 
@@ -38,6 +40,24 @@ def state_path_for(embedding_path: str | os.PathLike) -> Path:
     p = Path(embedding_path)
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
     return p.with_name(stem + STATE_SUFFIX)
+
+
+def save_train_state(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, str],
+    overwrite: bool = True,
+) -> Path:
+    """Write a trainer checkpoint's tensors and string metadata (JSON the trainer made) atomically."""
+    return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
+
+
+def load_train_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read back ``save_train_state``'s tensors (on the CPU, as saved) and metadata strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train state file {path} does not exist")
+    return read_safetensors(path, what="the checkpoint")
 
 
 def _split(prefix: str, d: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -90,12 +110,9 @@ _STATE_KEYS = ("step", "history", "concepts")
 
 def read_state_meta(path: str | os.PathLike) -> dict[str, str] | None:
     """The header of a training-state file, or None if ``path`` is not one (read without the tensors)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - unreadable means "not a state file we can use"
+        meta, _ = read_safetensors_header(path)
+    except ValueError:  # unreadable means "not a state file we can use"
         return None
     return meta if all(k in meta for k in _STATE_KEYS) else None
 

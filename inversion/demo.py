@@ -45,8 +45,8 @@ class DemoConfig:
     edit: str = f"a photo of a purple {CONCEPT}"  # a colour the concept images never show
 
     def __post_init__(self) -> None:
-        if self.method not in PRESETS or PRESETS[self.method][0] == "high_grad":
-            usable = [k for k, v in PRESETS.items() if v[0] != "high_grad"]
+        if self.method not in PRESETS or PRESETS[self.method].needs_profile:
+            usable = [k for k, v in PRESETS.items() if not v.needs_profile]
             raise ValueError(f"method {self.method!r} is not usable in the demo (it needs no profile); "
                              f"choose one of {usable}")
         if CONCEPT not in self.edit:
@@ -99,12 +99,12 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), world=None, log=pr
     concept = prepare_concept(world.latents, images, emb, flip=True)
     method = build_method(config.method, world.text, world.denoiser.num_timesteps, MethodParams(),
                           init_vectors=emb.vectors)
-    train_cfg = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr or method.lr,
+    train_cfg = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                             templates=world.templates, seed=config.seed)
     trainer = Trainer(world.text, world.denoiser, [concept], train_cfg, timesteps=method.sampler,
                       optimizer=method.optimizer, metadata={"method": config.method, "model": "inversion.world"})
     log(f"inverting the held-out shape from {config.images} images with '{config.method}' "
-        f"({config.steps} steps, lr {train_cfg.lr:g})")
+        f"({config.steps} steps, lr {trainer.lr:g})")
     cb, close = _progress(config.steps)
     t1 = time.time()
     try:

@@ -6,7 +6,7 @@ disk; this module is the one place that reaches the network, and only for the fe
 ``<endpoint>/<repo>/resolve/<revision>/<file>`` (the Hub's plain-HTTP layout), with the endpoint
 taken from ``HF_ENDPOINT`` (default https://huggingface.co) and ``HF_HUB_OFFLINE=1`` refusing, as
 in ``huggingface_hub``. The standard library's ``urllib`` streams each file in chunks and reports
-``progress(done_bytes, total_bytes)``.
+``progress(Progress(done_bytes, total_bytes))``.
 
 A download is atomic: the files land in ``<parent>/<folder>.partial`` and the folder is renamed to
 ``<parent>/<folder>`` once every file is complete, so an interrupted or failed download leaves
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .progress import Progress
+
 __all__ = ["CAPTIONERS", "OPEN_CLIP", "DownloadError", "HubModel", "RemoteFile", "download", "endpoint",
            "format_size", "is_installed", "offline", "plan"]
 
@@ -32,7 +34,6 @@ PARTIAL_SUFFIX = ".partial"
 USER_AGENT = "ComfyUI-Inversion (urllib)"
 CHUNK = 1 << 20  # 1 MiB reads: ~2000 progress calls for a 2 GB model, few enough to draw each one
 
-Progress = Callable[[int, int], None]
 
 
 class DownloadError(RuntimeError):
@@ -165,14 +166,14 @@ def plan(model: HubModel, parent: str | os.PathLike, timeout: float = 30.0) -> l
 def download(
     model: HubModel,
     parent: str | os.PathLike,
-    progress: Progress | None = None,
+    progress: Callable[[Progress], object] | None = None,
     files: Sequence[RemoteFile] | None = None,
     timeout: float = 60.0,
 ) -> Path:
     """``parent/model.folder``, downloaded first if it is not there (see the module docstring).
 
     ``files`` is the result of ``plan`` when the caller already asked (to show the size first).
-    ``progress(done_bytes, total_bytes)`` is called after every chunk; an exception it raises (a
+    ``progress(Progress(done_bytes, total_bytes))`` is called after every chunk; an exception it raises (a
     Cancel) stops the download and, like any failure, removes the partial folder.
     """
     parent = Path(parent)
@@ -204,7 +205,7 @@ def download(
                         got += len(chunk)
                         done += len(chunk)
                         if progress is not None:
-                            progress(done, max(total, done))
+                            progress(Progress(done, max(total, done)))
                     if expected is not None and got != expected:
                         raise OSError(f"connection closed after {got} of {expected} bytes")
             except urllib.error.HTTPError as e:

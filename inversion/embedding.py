@@ -7,7 +7,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["LearnedEmbedding", "validate_name"]
+__all__ = ["ENCODER_KEYS", "LearnedEmbedding", "validate_name"]
+
+# The text encoders an embedding can carry vectors for, in canonical order: SD1's CLIP ViT-L,
+# SD2's OpenCLIP ViT-H, SDXL's OpenCLIP ViT-bigG. It is ComfyUI's concatenation order (SDXL: l
+# then g) and the order a file without a stored key order is read back in.
+ENCODER_KEYS = ("clip_l", "clip_h", "clip_g")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 

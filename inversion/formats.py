@@ -17,40 +17,35 @@ Layouts read: those three, plus ``.pt`` / ``.bin`` / ``.ckpt`` files (A1111's
 ``{token: tensor}``, a ``{"clip_l", "clip_g"}`` dict), which are opened only with
 ``torch.load(weights_only=True)``: a pickle that carries code or objects is refused, never run.
 
-Every write goes through ``atomic_save_safetensors`` (temp file in the same folder, fsync,
-rename), so a crash or an error mid-save never leaves a half-written or clobbered file.
+Files are written and read through ``safefile``: every write is atomic (temp file in the same
+folder, fsync, rename), so a crash or an error mid-save never leaves a half-written or clobbered
+file; a pickle is opened only by ``safefile.torch_load_safely``. A trainer's state file is
+``checkpoint``'s business.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import safetensors.torch
 import torch
-from safetensors import safe_open
 
-from .embedding import LearnedEmbedding, validate_name
+from .embedding import ENCODER_KEYS, LearnedEmbedding, validate_name
+from .safefile import atomic_save_safetensors, read_safetensors, torch_load_safely
 
 __all__ = [
     "FORMATS",
-    "atomic_save_safetensors",
     "detect_format",
     "load_embedding",
-    "load_train_state",
     "save_embedding",
-    "save_train_state",
 ]
 
 FORMATS = ("auto", "single", "sdxl", "diffusers")
 SDXL_KEYS = ("clip_l", "clip_g")
-ENCODER_KEYS = ("clip_l", "clip_h", "clip_g")
 # Token-embedding widths of the CLIP text encoders used by SD1 (ViT-L), SD2 (OpenCLIP ViT-H) and
 # SDXL's second encoder (OpenCLIP ViT-bigG): how a file without a header says which encoder.
 WIDTH_TO_KEY = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
@@ -64,97 +59,6 @@ _SUPPORTED_LAYOUTS = (
     "alone); one '<token>' tensor [d] or [k, d] (diffusers learned_embeds); A1111 .pt with "
     "'string_to_param'"
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-
-
-def _exists_error(path: Path) -> FileExistsError:
-    return FileExistsError(
-        f"{path} already exists and was left untouched; pass overwrite=True (the node's 'overwrite' "
-        "toggle) to replace it, or choose another name"
-    )
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _place_new(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` to ``path`` only if ``path`` does not exist, without a check-then-write race."""
-    try:
-        os.link(tmp, path)  # atomic create-if-absent
-    except FileExistsError:
-        raise _exists_error(path) from None
-    except OSError:  # a filesystem without hard links (FAT, some network shares)
-        if path.exists():
-            raise _exists_error(path) from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
-
-
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
-    metadata: Mapping[str, str] | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``tensors`` (and string ``metadata`` in the header) to ``path`` atomically.
-
-    The file is written to a temporary file in the same folder, flushed to disk and renamed over
-    the target, so readers see either the old file or the complete new one. On any error the
-    temporary file is removed and an existing target is untouched. An existing target is only
-    replaced with ``overwrite=True`` (else ``FileExistsError``). Parent folders are created.
-    Tensors are stored detached, contiguous and on the CPU, in their own dtype.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file name ending in .safetensors")
-    if not overwrite and path.exists():
-        raise _exists_error(path)
-    clean: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors must map str to torch.Tensor; got {key!r}: {type(t).__name__}")
-        # clone: safetensors refuses tensors that share storage, and a view would drag its base.
-        clean[key] = t.detach().to("cpu").contiguous().clone()
-    meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        safetensors.torch.save_file(clean, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:  # mkstemp makes the file owner-only; give it the mode a normal save would
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        except OSError:
-            pass
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _place_new(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,46 +194,15 @@ class _Parsed:
     info: dict[str, str] = field(default_factory=dict)  # extra metadata (A1111 fields)
 
 
-def _unpickle_reason(e: Exception) -> str:
-    """The useful line of torch's long weights-only error ("Unsupported global: GLOBAL x.y ...")."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error: (.*)", text)
-    reason = m.group(1).split(" Please use")[0] if m else (text.strip().splitlines() or [type(e).__name__])[0]
-    return "it holds pickled code or objects: " + reason.strip()[:200]
-
-
-def _torch_load_safely(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; anything else is refused."""
-    hint = (
-        "it was NOT loaded, for safety (unpickling can run arbitrary code). If you trust its source, "
-        "convert it to .safetensors with a trusted tool and load that instead"
-    )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain tensor file ({_unpickle_reason(e)}); {hint}") from None
-    except Exception as e:  # zip/pickle structure errors: corrupt, truncated or not a torch file
-        raise ValueError(
-            f"{path} could not be read as a plain PyTorch tensor file ({type(e).__name__}: {e}); it may be "
-            f"corrupt or another format; {hint}"
-        ) from None
-
-
 def _read(path: Path) -> tuple[Any, dict[str, str]]:
     """The file's raw object (a dict of tensors, an A1111 dict, ...) and its header metadata."""
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = dict(f.metadata() or {})
-                obj = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ValueError(f"{path} is not a valid safetensors file ({e}); the file is corrupt or truncated") from None
-        return obj, header
+        return read_safetensors(path)
     if suffix in _PICKLE_SUFFIXES:
-        return _torch_load_safely(path), {}
+        return torch_load_safely(path), {}
     raise ValueError(
         f"{path}: unsupported file type {suffix or '(none)'!r}; use .safetensors (or .pt/.bin/.ckpt for "
         "A1111 and diffusers files)"
@@ -479,32 +352,3 @@ def load_embedding(
     metadata.update(parsed.info)
     metadata.update(notes)
     return LearnedEmbedding(final_name, vectors, placeholder=placeholder, metadata=metadata)
-
-
-# ---------------------------------------------------------------------------------------------
-# Trainer side files
-# ---------------------------------------------------------------------------------------------
-
-
-def save_train_state(
-    path: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    meta: Mapping[str, str],
-    overwrite: bool = True,
-) -> Path:
-    """Write a trainer checkpoint's tensors and string metadata (JSON the trainer made) atomically."""
-    return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
-
-
-def load_train_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read back ``save_train_state``'s tensors (on the CPU, as saved) and metadata strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"train state file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a valid safetensors file ({e}); the checkpoint is corrupt or truncated") from None
-    return tensors, meta

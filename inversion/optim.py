@@ -26,6 +26,8 @@ Params = Mapping[str, torch.Tensor]
 
 @runtime_checkable
 class VectorOptimizer(Protocol):
+    default_lr: float  # the step size this optimiser is meant to run at (TrainConfig.lr = None)
+
     def prepare(self, params: Params) -> None:
         """Called once before training (e.g. to move the vectors onto their sphere)."""
         ...
@@ -37,6 +39,10 @@ class VectorOptimizer(Protocol):
         ...
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        ...
+
+    def report(self) -> dict:
+        """What a progress report shows of the optimiser (StepInfo fields, e.g. ``target_norms``)."""
         ...
 
 
@@ -52,6 +58,12 @@ def tangent_project(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class AdamW:
     """AdamW on the learned vectors (decoupled weight decay, bias-corrected moments)."""
+
+    # A1111's rate and, after diffusers' batch scaling, diffusers' usual AdamW rate on SD.
+    default_lr = 5e-3
+
+    def report(self) -> dict:
+        return {}
 
     def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.betas = betas
@@ -120,6 +132,9 @@ class _Directional:
         self.mu = {k: torch.nn.functional.normalize(v.float(), dim=-1) for k, v in (mu or {}).items()}
         self.kappa = float(kappa)
 
+    def report(self) -> dict:
+        return {"target_norms": dict(self.norms)}
+
     def _check(self, params: Params) -> None:
         missing = set(params) - set(self.norms)
         if missing:
@@ -153,6 +168,8 @@ class RiemannianSGD(_Directional):
     code); v <- (v - lr g') / ||v - lr g'||; e = m* v. With ``beta`` = 0 each step turns every
     vector by about ``lr`` radians.
     """
+
+    default_lr = 1e-2  # radians per step: the authors' step size
 
     def __init__(self, norms: Mapping[str, float], mu: Mapping[str, torch.Tensor] | None = None,
                  kappa: float = 1e-4, beta: float = 0.0, eps: float = 1e-8):
@@ -205,6 +222,9 @@ class ProjectedAdamW(AdamW):
 
     def prepare(self, params: Params) -> None:
         self.directional.prepare(params)
+
+    def report(self) -> dict:
+        return self.directional.report()
 
     def _grad(self, key: str, p: torch.Tensor) -> torch.Tensor | None:
         g = self.directional.direction_grad(key, p)

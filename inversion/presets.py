@@ -19,7 +19,7 @@ convenient, documented combination for the node layer's single method selector.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,24 +27,7 @@ from .init import from_word, vocab_mean_norm
 from .optim import AdamW, ProjectedAdamW, RiemannianSGD, VectorOptimizer
 from .timesteps import Adaptive, Interval, Single, TimestepSampler, Uniform, high_grad
 
-__all__ = ["PRESETS", "MethodParams", "Method", "build_method", "describe_presets"]
-
-PRESETS: dict[str, tuple[str, str, str]] = {
-    # name: (timesteps, optimiser, one-line description)
-    "vanilla": ("uniform", "adamw", "Textual inversion as published: t ~ U[0, T), AdamW."),
-    "interval": ("interval", "adamw", "t ~ U[a, b] (seeds/000 baselines: [900,1000], [0,100], [350,450])."),
-    "single_step": ("single", "adamw", "Always the same t (seeds/000: t = 400 alone can invert)."),
-    "high_grad": ("high_grad", "adamw", "Train on the window where the profiled g(t) is highest (seeds/000)."),
-    "adaptive": ("adaptive", "adamw", "t ~ PDF(g(t)) with g measured during training (seeds/000 Eq. 5)."),
-    "directional": ("uniform", "rsgd", "DTI: fixed norm, Riemannian SGD on the sphere, vMF prior (seeds/002)."),
-    "directional_adamw": ("uniform", "padamw", "DTI's ablation: AdamW then projection to the fixed norm."),
-    "adaptive_directional": ("adaptive", "rsgd", "Adaptive timesteps with DTI's optimiser."),
-    "high_grad_directional": ("high_grad", "rsgd", "High-grad window with DTI's optimiser."),
-}
-
-# Learning rates that suit each optimiser: 5e-3 is A1111's and (after diffusers' batch scaling)
-# diffusers' usual AdamW rate on SD; DTI's Riemannian step is an angle in radians (authors' 0.01).
-DEFAULT_LR = {"adamw": 5e-3, "padamw": 5e-3, "rsgd": 1e-2}
+__all__ = ["PRESETS", "Preset", "MethodParams", "Method", "build_method", "describe_presets"]
 
 
 @dataclass(frozen=True)
@@ -62,17 +45,32 @@ class MethodParams:
     dti_beta: float = 0.0  # for DTI: EMA of squared gradient norms (authors' code; 0 = plain normalisation)
 
 
-@dataclass
-class Method:
-    name: str
-    sampler: TimestepSampler
-    optimizer: VectorOptimizer
-    lr: float
-    description: str
+SamplerFactory = Callable[[MethodParams, int, object], TimestepSampler]  # (params, T, profile or None)
+OptimizerFactory = Callable[[object, MethodParams, "dict[str, torch.Tensor] | None"], VectorOptimizer]
 
 
-def describe_presets() -> str:
-    return "\n".join(f"{k}: {v[2]}" for k, v in PRESETS.items())
+def _uniform(p: MethodParams, T: int, profile) -> TimestepSampler:
+    return Uniform(T)
+
+
+def _interval(p: MethodParams, T: int, profile) -> TimestepSampler:
+    return Interval(*p.interval, T)
+
+
+def _single(p: MethodParams, T: int, profile) -> TimestepSampler:
+    return Single(p.single_t, T)
+
+
+def _high_grad(p: MethodParams, T: int, profile) -> TimestepSampler:
+    if profile is None:
+        raise ValueError("needs a gradient profile: run the gradient-norm profiler "
+                         "(GradNormProfiler node) first and connect its profile, or choose 'adaptive', "
+                         "which measures g(t) while training")
+    return high_grad(profile, p.window, T)
+
+
+def _adaptive(p: MethodParams, T: int, profile) -> TimestepSampler:
+    return Adaptive(T, bins=p.bins, explore=p.explore, profile=profile)
 
 
 def _directional_parts(text_side, params: MethodParams, init: dict[str, torch.Tensor] | None
@@ -90,6 +88,73 @@ def _directional_parts(text_side, params: MethodParams, init: dict[str, torch.Te
     return norms, mu
 
 
+def _adamw(text_side, p: MethodParams, init) -> VectorOptimizer:
+    return AdamW()
+
+
+def _rsgd(text_side, p: MethodParams, init) -> VectorOptimizer:
+    norms, mu = _directional_parts(text_side, p, init)
+    return RiemannianSGD(norms, mu, p.kappa, beta=p.dti_beta)
+
+
+def _padamw(text_side, p: MethodParams, init) -> VectorOptimizer:
+    norms, mu = _directional_parts(text_side, p, init)
+    return ProjectedAdamW(norms, mu, p.kappa)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named method: a timestep strategy, an optimiser and the step size that optimiser runs at."""
+
+    timesteps: str  # uniform | interval | single | high_grad | adaptive (for tables and the demo)
+    optimizer: type  # the optimiser class; its ``default_lr`` is the preset's learning rate
+    description: str  # one line, shown in the node's description
+    make_sampler: SamplerFactory
+    make_optimizer: OptimizerFactory
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.default_lr
+
+    @property
+    def needs_profile(self) -> bool:
+        return self.timesteps == "high_grad"
+
+
+PRESETS: dict[str, Preset] = {
+    "vanilla": Preset("uniform", AdamW, "Textual inversion as published: t ~ U[0, T), AdamW.", _uniform, _adamw),
+    "interval": Preset("interval", AdamW, "t ~ U[a, b] (seeds/000 baselines: [900,1000], [0,100], [350,450]).",
+                       _interval, _adamw),
+    "single_step": Preset("single", AdamW, "Always the same t (seeds/000: t = 400 alone can invert).",
+                          _single, _adamw),
+    "high_grad": Preset("high_grad", AdamW, "Train on the window where the profiled g(t) is highest (seeds/000).",
+                        _high_grad, _adamw),
+    "adaptive": Preset("adaptive", AdamW, "t ~ PDF(g(t)) with g measured during training (seeds/000 Eq. 5).",
+                       _adaptive, _adamw),
+    "directional": Preset("uniform", RiemannianSGD,
+                          "DTI: fixed norm, Riemannian SGD on the sphere, vMF prior (seeds/002).", _uniform, _rsgd),
+    "directional_adamw": Preset("uniform", ProjectedAdamW, "DTI's ablation: AdamW then projection to the fixed norm.",
+                                _uniform, _padamw),
+    "adaptive_directional": Preset("adaptive", RiemannianSGD, "Adaptive timesteps with DTI's optimiser.",
+                                   _adaptive, _rsgd),
+    "high_grad_directional": Preset("high_grad", RiemannianSGD, "High-grad window with DTI's optimiser.",
+                                    _high_grad, _rsgd),
+}
+
+
+@dataclass
+class Method:
+    name: str
+    sampler: TimestepSampler
+    optimizer: VectorOptimizer
+    lr: float
+    description: str
+
+
+def describe_presets() -> str:
+    return "\n".join(f"{k}: {v.description}" for k, v in PRESETS.items())
+
+
 def build_method(name: str, text_side, num_timesteps: int, params: MethodParams = MethodParams(), *,
                  profile=None, init_vectors: dict[str, torch.Tensor] | None = None) -> Method:
     """The sampler and optimiser of preset ``name``.
@@ -97,34 +162,15 @@ def build_method(name: str, text_side, num_timesteps: int, params: MethodParams 
     ``profile``: a ``GradProfile`` (needed by the high-grad presets; seeds the adaptive ones).
     ``init_vectors``: the run's initial ``{key: [K, d]}`` (the DTI prior's fallback direction and k).
     """
-    if name not in PRESETS:
+    preset = PRESETS.get(name)
+    if preset is None:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}")
-    ts, opt, desc = PRESETS[name]
-    T = num_timesteps
-    if ts == "uniform":
-        sampler: TimestepSampler = Uniform(T)
-    elif ts == "interval":
-        a, b = params.interval
-        sampler = Interval(a, b, T)
-    elif ts == "single":
-        sampler = Single(params.single_t, T)
-    elif ts == "high_grad":
-        if profile is None:
-            raise ValueError(f"method {name!r} needs a gradient profile: run the gradient-norm profiler "
-                             "(GradNormProfiler node) first and connect its profile, or choose 'adaptive', "
-                             "which measures g(t) while training")
-        sampler = high_grad(profile, params.window, T)
-    else:
-        sampler = Adaptive(T, bins=params.bins, explore=params.explore, profile=profile)
-    if opt == "adamw":
-        optimizer: VectorOptimizer = AdamW()
-    else:
-        norms, mu = _directional_parts(text_side, params, init_vectors)
-        if opt == "rsgd":
-            optimizer = RiemannianSGD(norms, mu, params.kappa, beta=params.dti_beta)
-        else:
-            optimizer = ProjectedAdamW(norms, mu, params.kappa)
-    return Method(name, sampler, optimizer, DEFAULT_LR[opt], desc)
+    try:
+        sampler = preset.make_sampler(params, num_timesteps, profile)
+    except ValueError as e:
+        raise ValueError(f"method {name!r} {e}" if str(e).startswith("needs") else f"method {name!r}: {e}") from None
+    optimizer = preset.make_optimizer(text_side, params, init_vectors)
+    return Method(name, sampler, optimizer, preset.lr, preset.description)
 
 
 def preset_names() -> Sequence[str]:

@@ -2,7 +2,8 @@
 
     g(t) = E_x [ || grad_c || eps_theta(x_t, t, c) - eps || || ]                        (Eq. 4)
 
-c is the conditioning the denoiser receives (the text encoder's hidden states). g(t) says how
+c is the conditioning the denoiser receives (the text encoder's hidden states); the per-sample
+norm itself is ``inversion.loss.grad_norms_at``. g(t) says how
 much the prompt can change the denoiser's prediction at timestep t: timesteps with a large g are
 the informative ones for inversion (high-grad interval training, adaptive sampling).
 """
@@ -14,12 +15,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .batch import ConceptSet, autocast, step_generator
 from .host import Conditioning, Denoiser, TextSide
-from .prompts import OBJECT_TEMPLATES
-from .trainer import (ConceptData, TrainConfig, Trainer, _step_generator, conditioning_grad_norms,
-                      per_sample_mse)
+from .loss import grad_norms_at
+from .progress import Progress
+from .prompts import OBJECT_TEMPLATES, check_templates
+from .trainer import ConceptData
 
-__all__ = ["GradProfile", "profile_gradients", "grad_norms_at"]
+__all__ = ["GradProfile", "profile_gradients"]
 
 
 @dataclass
@@ -92,25 +95,11 @@ class GradProfile:
         return cls(edges.long(), mean, var.sqrt(), count, num_timesteps, t, g)
 
 
-def grad_norms_at(denoiser: Denoiser, cond: Conditioning, x0: torch.Tensor, noise: torch.Tensor,
-                  t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 4's g for each sample: || grad_c || eps_theta(x_t, t, c) - eps || || with c = ``cond.context``.
-
-    One forward and one backward pass of the denoiser for the whole batch (samples are independent,
-    so the gradient of the summed loss w.r.t. c_i is sample i's own)."""
-    ctx = cond.context.detach().requires_grad_(True)
-    with torch.enable_grad():
-        eps = denoiser.predict_eps(denoiser.add_noise(x0, noise, t), t, Conditioning(ctx, cond.pooled))
-        per, n_eff = per_sample_mse(eps, noise, mask)
-        grad, = torch.autograd.grad(per.sum(), ctx)
-    return conditioning_grad_norms(grad, per.detach(), n_eff, 1.0)
-
-
 def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[ConceptData], *,
                       bins: int = 20, samples_per_bin: int = 4, batch_size: int = 4,
                       t_range: tuple[int, int] | None = None, templates: Sequence[str] = OBJECT_TEMPLATES,
-                      seed: int = 0, device: torch.device | str | None = None,
-                      callback: Callable[[int, int], Any] | None = None) -> GradProfile:
+                      seed: int = 0, device: torch.device | str | None = None, autocast_dtype: str | None = None,
+                      callback: Callable[[Progress], Any] | None = None) -> GradProfile:
     """Measure g(t) (Eq. 4) on the concept images with the concepts' current vectors.
 
     [t_range) (default [0, T)) is cut into ``bins`` bins; each gets ``samples_per_bin`` draws
@@ -119,7 +108,7 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     text encoder runs only once per distinct prompt for the whole profile and never backwards
     (the gradient is taken w.r.t. its output c), so a profile of ``bins * samples_per_bin /
     batch_size`` batches costs at most as much as that many training steps.
-    ``callback(done, total)`` reports progress (batches) and may raise to cancel.
+    ``callback(Progress(step, total))`` reports progress (batches) and may raise to cancel.
     """
     T = denoiser.num_timesteps
     lo, hi = t_range if t_range is not None else (0, T)
@@ -128,36 +117,34 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     if bins < 1 or bins > hi - lo or samples_per_bin < 1 or batch_size < 1:
         raise ValueError(f"need 1 <= bins <= {hi - lo}, samples_per_bin >= 1, batch_size >= 1; "
                          f"got bins={bins}, samples_per_bin={samples_per_bin}, batch_size={batch_size}")
-    tr = Trainer(text, denoiser, concepts, TrainConfig(steps=1, batch_size=batch_size, templates=tuple(templates),
-                                                       seed=seed), device=device)
+    data = ConceptSet(text, concepts, check_templates(templates), device)
     edges = torch.linspace(lo, hi, bins + 1).round().long()
-    gen = _step_generator(seed, 0, 7)
+    gen = step_generator(seed, 0, 7)
     b = torch.arange(bins).repeat_interleave(samples_per_bin)
     u = torch.rand(len(b), generator=gen, dtype=torch.float64)
     t_all = (edges[b] + (u * (edges[b + 1] - edges[b]).double()).floor().long()).clamp(max=hi - 1)
     t_all = t_all[torch.randperm(len(t_all), generator=gen)]  # mix bins within a batch
-    idx_all = torch.randint(0, len(tr.latents), (len(t_all),), generator=gen)
-    prompts_all = tr._prompts(idx_all, gen)
+    idx_all = torch.randint(0, len(data.latents), (len(t_all),), generator=gen)
+    prompts_all = data.prompts(idx_all, gen)
+    vectors = data.initial_vectors()
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     with torch.no_grad():
         unique = [p for p in dict.fromkeys(prompts_all)]
         for i in range(0, len(unique), 16):
             chunk = unique[i:i + 16]
-            cond = tr.encode_prompts(chunk)
+            cond = data.encode(chunk, vectors)
             for j, p in enumerate(chunk):
                 cache[p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
     gs = []
     n_batches = (len(t_all) + batch_size - 1) // batch_size
     for k in range(n_batches):
         sl = slice(k * batch_size, (k + 1) * batch_size)
-        t, idx, prompts = t_all[sl], idx_all[sl], prompts_all[sl]
-        ctx = torch.stack([cache[p][0] for p in prompts])
-        pooled = None if cache[prompts[0]][1] is None else torch.stack([cache[p][1] for p in prompts])
-        x0 = tr.latents[idx.to(tr.device)]
-        noise = torch.randn(x0.shape, generator=gen).to(tr.device, x0.dtype)
-        mask = None if tr.masks is None else tr.masks[idx.to(tr.device)]
-        with tr._autocast():
-            gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), x0, noise, t.to(tr.device), mask).cpu())
+        d = data.draw_at(gen, idx_all[sl], prompts_all[sl], t_all[sl])
+        ctx = torch.stack([cache[p][0] for p in d.prompts])
+        pooled = None if cache[d.prompts[0]][1] is None else torch.stack([cache[p][1] for p in d.prompts])
+        with autocast(data.device, autocast_dtype):
+            gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), d.x0, d.noise, d.t.to(data.device),
+                                    d.mask).cpu())
         if callback is not None:
-            callback(k + 1, n_batches)
+            callback(Progress(k + 1, n_batches))
     return GradProfile.from_samples(t_all, torch.cat(gs).double(), edges, T)

@@ -43,6 +43,10 @@ class TimestepSampler(Protocol):
     def describe(self) -> str:
         ...
 
+    def report(self) -> dict[str, Any]:
+        """What a progress report shows of the sampler (StepInfo fields, e.g. ``g_estimate``)."""
+        ...
+
 
 class _Stateless:
     def observe(self, t: torch.Tensor, g: torch.Tensor) -> None:
@@ -53,6 +57,9 @@ class _Stateless:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def report(self) -> dict[str, Any]:
+        return {}
 
 
 class Interval(_Stateless):
@@ -193,3 +200,6 @@ class Adaptive:
 
     def describe(self) -> str:
         return f"adaptive[bins={self.bins},explore={self.explore}]"
+
+    def report(self) -> dict[str, Any]:
+        return {"g_estimate": [float(x) for x in self.estimate], "bin_edges": [int(x) for x in self.edges]}

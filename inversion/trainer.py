@@ -18,10 +18,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .batch import ConceptSet, autocast, step_generator
 from .embedding import LearnedEmbedding
 from .host import Conditioning, Denoiser, LatentEncoder, TextSide
+from .loss import conditioning_grad_norms, per_sample_mse, predict_eps
 from .optim import AdamW, VectorOptimizer
-from .prompts import OBJECT_TEMPLATES, build_prompt_batch, check_templates
+from .progress import Progress
+from .prompts import OBJECT_TEMPLATES, check_templates
 from .regularizers import RegContext, Regularizer
 from .timesteps import TimestepSampler, Uniform
 
@@ -36,8 +39,6 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "lr_at",
-    "conditioning_grad_norms",
-    "per_sample_mse",
 ]
 
 
@@ -48,7 +49,7 @@ class TrainConfig:
     steps: int = 500  # optimisation steps (each may accumulate several micro-batches)
     batch_size: int = 1  # images per micro-batch; B=1 is what most users can afford on SD
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 5e-3  # AdamW on raw vectors; DTI presets override (their step is in radians)
+    lr: float | None = None  # None = the optimiser's own default (AdamW 5e-3, DTI's Riemannian SGD 1e-2 rad)
     lr_schedule: str = "constant"  # constant | linear | cosine (after warm-up)
     warmup_steps: int = 0  # linear warm-up from 0, in optimiser steps
     templates: tuple[str, ...] = OBJECT_TEMPLATES  # "{}" becomes the placeholder
@@ -71,7 +72,7 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
@@ -87,17 +88,20 @@ class TrainConfig:
         return self
 
 
-def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then the schedule."""
+def lr_at(config: TrainConfig, step: int, default: float = AdamW.default_lr) -> float:
+    """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then the schedule.
+
+    ``default`` stands in for ``config.lr = None`` (the optimiser's own rate)."""
+    lr = config.lr if config.lr is not None else default
     if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return lr * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
     frac = min(1.0, (step - config.warmup_steps) / span)
     if config.lr_schedule == "linear":
-        return config.lr * (1.0 - frac)
+        return lr * (1.0 - frac)
     if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return config.lr
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return lr
 
 
 @dataclass
@@ -161,11 +165,11 @@ def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embeddi
 
 
 @dataclass
-class StepInfo:
-    """Plain per-step data handed to the callback (progress, previews, charts, cancellation)."""
+class StepInfo(Progress):
+    """Plain per-step data handed to the callback (progress, previews, charts, cancellation).
 
-    step: int  # 1-based number of optimiser steps done
-    total: int
+    ``step`` is the 1-based number of optimiser steps done, of ``total``."""
+
     loss: float  # mean diffusion loss of the step (without regularisers)
     reg_loss: float
     lr: float
@@ -242,39 +246,10 @@ class TrainingDiverged(ValueError):
         self.embeddings = embeddings
 
 
-def per_sample_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's mean of ||eps_hat - eps||^2 (over the mask, if any) and how many elements it averaged."""
-    err = (eps.float() - noise.float()) ** 2
-    if mask is None:
-        return err.flatten(1).mean(1), torch.full((err.shape[0],), float(err[0].numel()), device=err.device)
-    n_eff = (mask.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
-    return (err * mask).flatten(1).sum(1) / n_eff, n_eff.detach()
-
-
-def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """Per-sample g_i = || grad_c ||eps_hat_i - eps_i|| || (seeds/000 Eq. 4) from one backward pass.
-
-    The backward pass differentiated ``mean_i(per_i) / scale`` where per_i = ||r_i||^2 / n_i is the
-    sample's mean squared error, so grad_c per_i = ctx_grad_i * scale (the denoiser treats samples
-    independently), and by the chain rule grad_c ||r_i|| = grad_c per_i * n_i / (2 ||r_i||).
-    """
-    gc = ctx_grad.detach().float().flatten(1).norm(dim=1) * scale
-    rnorm = (per.float() * n_eff).sqrt().clamp_min(1e-12)
-    return gc * n_eff / (2 * rnorm)
-
-
 def _max_row_norm(table: torch.Tensor, chunk: int = 8192) -> float:
     # In chunks: a float32 copy of SDXL's clip_g table at once would be 250 MB.
     t = table.detach()
     return max(float(t[i:i + chunk].float().norm(dim=-1).max()) for i in range(0, t.shape[0], chunk))
-
-
-def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    # A fresh generator per (seed, step, micro-batch): draws never depend on the run's history,
-    # so a resumed run makes exactly the draws the uninterrupted run would have made.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1))
 
 
 class Trainer:
@@ -290,49 +265,27 @@ class Trainer:
                  device: torch.device | str | None = None, resume: TrainState | None = None,
                  checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None):
         self.config = config.validate()
-        if not concepts:
-            raise ValueError("no concepts to train: give at least one ConceptData (prepare_concept)")
         self.text = text
         self.denoiser = denoiser
-        self.concepts = list(concepts)
+        self.data = ConceptSet(text, concepts, self.config.templates, device)
+        self.concepts = self.data.concepts
+        self.rows = self.data.rows
+        self.device = self.data.device
         self.sampler = timesteps or Uniform(denoiser.num_timesteps)
         if self.sampler.num_timesteps != denoiser.num_timesteps:
             raise ValueError(f"timestep sampler is for T={self.sampler.num_timesteps} but the model has "
                              f"T={denoiser.num_timesteps}")
         self.optimizer = optimizer or AdamW()
+        self.lr = self.config.lr if self.config.lr is not None else self.optimizer.default_lr
         self.regularizers = list(regularizers)
         self.checkpoint_fn = checkpoint
         self.metadata = dict(metadata or {})
-        self.device = torch.device(device) if device is not None else self.concepts[0].latents.device
-        self._check_concepts()
         self.tables = {e.key: e.token_table() for e in text.encoders}
         # The largest word norm per encoder: the divergence guard's unit.
         self.vocab_norm = {k: _max_row_norm(t) for k, t in self.tables.items()}
         # The only trainable tensors: one [K_total, d] leaf per encoder.
-        self.rows: list[range] = []
-        self.placeholders: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for c in self.concepts:
-            k = c.embedding.num_vectors
-            self.rows.append(range(offset, offset + k))
-            self.placeholders[c.embedding.placeholder] = (offset, k)
-            offset += k
-        self.params = {
-            e.key: torch.cat([c.embedding.vectors[e.key].float() for c in self.concepts]).to(self.device)
-            .detach().clone().requires_grad_(True)
-            for e in text.encoders
-        }
-        self.latents = torch.cat([c.latents for c in self.concepts]).to(self.device)
-        self.owner = torch.cat([torch.full((len(c.latents),), i, dtype=torch.long)
-                                for i, c in enumerate(self.concepts)])
-        self.captions = [cap for c in self.concepts
-                         for cap in (c.captions if c.captions is not None else [None] * len(c.latents))]
-        self.masks = None
-        if any(c.masks is not None for c in self.concepts):
-            self.masks = torch.cat([c.masks if c.masks is not None else torch.ones_like(c.latents[:, :1])
-                                    for c in self.concepts]).to(self.device)
+        self.params = {k: v.requires_grad_(True) for k, v in self.data.initial_vectors().items()}
         self.history = TrainHistory()
-        self._tok_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.step = 0
         if resume is not None:
             self._load_state(resume)
@@ -343,33 +296,6 @@ class Trainer:
         self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step))
         self._warned: set[str] = set()
         self._optimizer_stale = False
-
-    # ---- setup -------------------------------------------------------------------------------
-    def _check_concepts(self) -> None:
-        widths = {e.key: e.width for e in self.text.encoders}
-        seen = set()
-        for c in self.concepts:
-            emb = c.embedding
-            if set(emb.vectors) != set(widths):
-                raise ValueError(
-                    f"embedding {emb.name!r} has vectors for {sorted(emb.vectors)} but the model's text "
-                    f"encoders are {sorted(widths)}; initialise it from this model's CLIP "
-                    "(an SDXL embedding needs clip_l and clip_g)")
-            for k, v in emb.vectors.items():
-                if v.shape[1] != widths[k]:
-                    raise ValueError(f"embedding {emb.name!r}: {k} vectors are {v.shape[1]}-d but the encoder "
-                                     f"expects {widths[k]}-d; this embedding was made for another model")
-            if emb.placeholder in seen:
-                raise ValueError(f"two concepts share the placeholder {emb.placeholder!r}; give each its own")
-            seen.add(emb.placeholder)
-            if len(c.latents) == 0:
-                raise ValueError(f"concept {emb.name!r} has no images; load at least one")
-        total_k = sum(c.embedding.num_vectors for c in self.concepts)
-        for e in self.text.encoders:
-            longest = max(len(e.tokenize(t.replace("{}", ""))) for t in self.config.templates)
-            if longest + total_k + 2 > e.max_length:
-                raise ValueError(f"{total_k} vectors plus the longest template do not fit in {e.max_length} "
-                                 "tokens; use fewer vectors or shorter templates")
 
     # ---- state -------------------------------------------------------------------------------
     def embeddings(self) -> list[LearnedEmbedding]:
@@ -411,64 +337,25 @@ class Trainer:
         self.history = s.history
 
     # ---- one step ----------------------------------------------------------------------------
-    def _prompts(self, idx: torch.Tensor, gen: torch.Generator) -> list[str]:
-        tpl = torch.randint(0, len(self.config.templates), (len(idx),), generator=gen).tolist()
-        out = []
-        for i, j in zip(idx.tolist(), tpl):
-            cap = self.captions[i]
-            if cap is None:
-                cap = self.config.templates[j].format(self.concepts[int(self.owner[i])].embedding.placeholder)
-            out.append(cap)
-        return out
-
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Encode each distinct prompt once with the current vectors; rows follow ``prompts``."""
-        unique = list(dict.fromkeys(prompts))
-        inverse = torch.tensor([unique.index(p) for p in prompts], device=self.device)
-        outs = []
-        for enc in self.text.encoders:
-            ids, slots = self._tokens(enc, unique)
-            outs.append(enc.encode(ids, slots, self.params[enc.key]))
-        cond = self.text.combine(outs)
-        return cond if len(unique) == len(prompts) else cond.index(inverse)
-
-    def _tokens(self, enc, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and slots of ``prompts``, tokenised once per distinct prompt for the whole run."""
-        missing = [p for p in prompts if (enc.key, p) not in self._tok_cache]
-        if missing:
-            pb = build_prompt_batch(enc, missing, self.placeholders, device=self.device)
-            for i, p in enumerate(missing):
-                self._tok_cache[(enc.key, p)] = (pb.ids[i], pb.slots[i])
-        rows = [self._tok_cache[(enc.key, p)] for p in prompts]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-
-    def _autocast(self):
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.autocast_dtype or "")
-        if dt is None or self.device.type == "cpu":
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast(self.device.type, dtype=dt)
+        return self.data.encode(prompts, self.params)
 
     def _micro_step(self, gen: torch.Generator, scale: float):
-        cfg = self.config
-        B = cfg.batch_size
-        idx = torch.randint(0, len(self.latents), (B,), generator=gen)
-        prompts = self._prompts(idx, gen)
-        t = self.sampler.sample(B, gen)
-        x0 = self.latents[idx.to(self.device)]
-        noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
-        with self._autocast():
-            cond = self.encode_prompts(prompts)
+        B = self.config.batch_size
+        d = self.data.draw(gen, B, self.sampler.sample)
+        with autocast(self.device, self.config.autocast_dtype):
+            cond = self.encode_prompts(d.prompts)
             ctx = cond.context
             ctx.retain_grad()
-            x_t = self.denoiser.add_noise(x0, noise, t.to(self.device))
-            eps = self.denoiser.predict_eps(x_t, t.to(self.device), cond)
-        per, n_eff = per_sample_mse(eps, noise, None if self.masks is None else self.masks[idx.to(self.device)])
+            eps = predict_eps(self.denoiser, d, cond)
+        per, n_eff = per_sample_mse(eps, d.noise, d.mask)
         loss = per.mean()
         if not torch.isfinite(loss):
-            return None, t, prompts
+            return None, d.t, d.prompts
         (loss * scale).backward(retain_graph=False)
         g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / scale)
-        return (loss.detach(), g.cpu()), t, prompts
+        return (loss.detach(), g.cpu()), d.t, d.prompts
 
     def _reg_loss(self) -> torch.Tensor | None:
         if not self.regularizers:
@@ -489,7 +376,7 @@ class Trainer:
         losses, gs, ts = [], [], []
         scale = 1.0 / cfg.grad_accum
         for micro in range(cfg.grad_accum):
-            gen = _step_generator(cfg.seed, self.step, micro)
+            gen = step_generator(cfg.seed, self.step, micro)
             res, t, prompts = self._micro_step(gen, scale)
             if res is None:
                 raise self._diverged(f"the loss became NaN/inf at step {self.step + 1} (timesteps {t.tolist()}, "
@@ -509,7 +396,7 @@ class Trainer:
         t_all, g_all = torch.cat(ts), torch.cat(gs)
         self.sampler.observe(t_all, g_all)
         self._clip()
-        lr = lr_at(cfg, self.step)
+        lr = lr_at(cfg, self.step, self.lr)
         self.optimizer.step(self.params, lr)
         if not all(torch.isfinite(p).all() for p in self.params.values()):
             raise self._diverged(f"the vectors became NaN/inf after step {self.step + 1}")
@@ -517,18 +404,12 @@ class Trainer:
         for k, v in self.params.items():
             self._good[k].copy_(v.detach())
         warnings = self._guard_norms()
-        est = getattr(self.sampler, "estimate", None)
-        edges = getattr(self.sampler, "edges", None)
-        norms = getattr(self.optimizer, "norms", None) or getattr(getattr(self.optimizer, "directional", None),
-                                                                  "norms", None)
         return StepInfo(
             step=self.step, total=cfg.steps, loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr,
             timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
             vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
-            elapsed=0.0, sampler=self.sampler.describe(),
-            g_estimate=None if est is None else [float(x) for x in est],
-            bin_edges=None if edges is None else [int(x) for x in edges],
-            target_norms=None if norms is None else dict(norms), warnings=warnings,
+            elapsed=0.0, sampler=self.sampler.describe(), warnings=warnings,
+            **self.sampler.report(), **self.optimizer.report(),
         )
 
     def norm_ratio(self) -> tuple[float, str]:
@@ -561,7 +442,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"the vectors exploded: after step {bad_step} a {key} vector's norm is {ratio * unit:.3g}, "
                 f"{ratio:.0f} times the largest word's ({unit:.3g}). Training stopped; the vectors of step {step}, "
-                f"the last within {cfg.norm_warn:g}x, are kept. Lower the learning rate (now {cfg.lr:g}) "
+                f"the last within {cfg.norm_warn:g}x, are kept. Lower the learning rate (now {self.lr:g}) "
                 "or use a directional method (its norm is fixed).", self.embeddings())
         if not cfg.norm_warn or ratio <= cfg.norm_warn:
             self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step) + 1)
@@ -571,7 +452,7 @@ class Trainer:
         self._warned.add("norm")
         return [f"after step {self.step} a {key} vector's norm is {ratio * unit:.3g}, {ratio:.1f} times the "
                 f"largest word's ({unit:.3g}): the concept may drown out the rest of the prompt. Consider a lower "
-                f"learning rate (now {cfg.lr:g}), fewer steps, or a directional method."]
+                f"learning rate (now {self.lr:g}), fewer steps, or a directional method."]
 
     def _diverged(self, what: str) -> TrainingDiverged:
         with torch.no_grad():
@@ -579,7 +460,7 @@ class Trainer:
                 v.copy_(self._good[k])
         return TrainingDiverged(
             f"{what}. Training stopped; the last good vectors (step {self.step}) are kept. "
-            f"Lower the learning rate (now {self.config.lr:g}), use fp32 instead of "
+            f"Lower the learning rate (now {self.lr:g}), use fp32 instead of "
             f"{self.config.autocast_dtype or 'the current precision'}, or check the concept images.",
             self.embeddings())
 
@@ -587,20 +468,14 @@ class Trainer:
     def evaluate(self, num_batches: int = 8, seed: int = 12345) -> float:
         """Mean diffusion loss over a fixed set of draws (images, prompts, t, noise) that depends
         only on ``seed``: a low-variance measure for comparing vectors across a run."""
-        cfg = self.config
+        T = self.denoiser.num_timesteps
         total = 0.0
         for b in range(num_batches):
-            gen = _step_generator(seed, b, 0)
-            idx = torch.randint(0, len(self.latents), (cfg.batch_size,), generator=gen)
-            prompts = self._prompts(idx, gen)
-            t = torch.randint(0, self.denoiser.num_timesteps, (cfg.batch_size,), generator=gen)
-            x0 = self.latents[idx.to(self.device)]
-            noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
-            with self._autocast():
-                cond = self.encode_prompts(prompts)
-                eps = self.denoiser.predict_eps(self.denoiser.add_noise(x0, noise, t.to(self.device)),
-                                                t.to(self.device), cond)
-            total += float(((eps.float() - noise.float()) ** 2).mean())
+            d = self.data.draw(step_generator(seed, b, 0), self.config.batch_size,
+                               lambda n, gen: torch.randint(0, T, (n,), generator=gen))
+            with autocast(self.device, self.config.autocast_dtype):
+                eps = predict_eps(self.denoiser, d, self.encode_prompts(d.prompts))
+            total += float(((eps.float() - d.noise.float()) ** 2).mean())
         return total / num_batches
 
     # ---- the loop ----------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_download_lands_the_files_with_progress(hub, tmp_path):
     total = sum(len(FILES[f.name]) for f in plan)
     assert sum(f.size for f in plan) == total
     seen = []
-    dest = dl.download(MODEL, parent, lambda done, tot: seen.append((done, tot)), files=plan)
+    dest = dl.download(MODEL, parent, lambda p: seen.append((p.step, p.total)), files=plan)
     assert dest == parent / "tiny-model"
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == FILES
     assert _leftovers(parent) == ["tiny-model"]  # no .partial folder left
@@ -104,8 +104,8 @@ def test_failure_mid_download_removes_the_partial_folder(hub, tmp_path):
     class Cancel(Exception):
         pass
 
-    def cancel(done, total):
-        if done > dl.CHUNK:
+    def cancel(p):
+        if p.step > dl.CHUNK:
             raise Cancel()
 
     (hub.root / "config.json").write_bytes(FILES["config.json"])

@@ -11,7 +11,8 @@ from inversion.init import make_embedding, vocab_mean_norm
 from inversion.interpolate import slerp, slerp_embeddings
 from inversion.optim import ProjectedAdamW, RiemannianSGD, tangent_project
 from inversion.presets import PRESETS, MethodParams, build_method
-from inversion.profiler import GradProfile, grad_norms_at, profile_gradients
+from inversion.loss import grad_norms_at
+from inversion.profiler import GradProfile, profile_gradients
 from inversion.regularizers import L2Norm, NearestNeighborContrastive, RegContext
 from inversion.timesteps import Adaptive, Interval, Single, Uniform, high_grad
 from inversion.trainer import TrainConfig, Trainer, prepare_concept
@@ -113,7 +114,7 @@ def test_profile_curve_spread_and_window(tiny):
     c = prepare_concept(tiny.latents, concept_images(2), emb)
     calls = []
     prof = profile_gradients(tiny.text, tiny.denoiser, [c], bins=5, samples_per_bin=3, batch_size=4,
-                             callback=lambda d, n: calls.append((d, n)))
+                             callback=lambda p: calls.append((p.step, p.total)))
     assert prof.bins == 5 and prof.count.tolist() == [3] * 5
     assert (prof.mean > 0).all() and (prof.std >= 0).all()
     assert calls[-1] == (4, 4)  # 15 draws in batches of 4

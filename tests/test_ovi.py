@@ -38,7 +38,7 @@ def test_ovi_raises_cosine_similarity_to_the_text(towers):
     res = ovi.optimize_visual_inversion(vision, t, ovi.OVISettings(steps=40), callback=seen.append)
     s = res.similarity[:, 0]
     assert res.embeds.shape == (1, vision.embed_dim) and res.embeds.ndim == 2
-    assert s.shape == (41,) and len(seen) == 40 and seen[-1]["step"] == 40
+    assert s.shape == (41,) and len(seen) == 40 and seen[-1].step == seen[-1].total == 40 and 0 <= seen[-1].similarity <= 1
     q = len(s) // 4
     # monotone in expectation: each quarter's mean above the previous one's
     means = [float(s[i * q:(i + 1) * q].mean()) for i in range(4)]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import imageprep
-from ..charts import _font
+from ..charts import font
 
 __all__ = ["to_pil", "image_grid"]
 
@@ -28,10 +28,10 @@ def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None
         raise ValueError("image_grid: no rows given")
     h, w = rows[0].shape[-2] * scale, rows[0].shape[-1] * scale
     ncol = max(r.shape[0] for r in rows)
-    font = _font(13)
+    label_font = font(13)
     if labels is not None and not label_width:
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        label_width = int(max(probe.textlength(s, font=font) for s in labels)) + 3 * pad
+        label_width = int(max(probe.textlength(s, font=label_font) for s in labels)) + 3 * pad
     W = label_width + ncol * (w + pad) + pad
     H = len(rows) * (h + pad) + pad
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
@@ -39,7 +39,7 @@ def image_grid(rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None
     for r, row in enumerate(rows):
         y = pad + r * (h + pad)
         if labels is not None:
-            draw.text((pad, y + h // 2 - 7), labels[r], fill=(0, 0, 0), font=font)
+            draw.text((pad, y + h // 2 - 7), labels[r], fill=(0, 0, 0), font=label_font)
         for c in range(row.shape[0]):
             canvas.paste(to_pil(row[c], scale), (label_width + pad + c * (w + pad), y))
     return canvas
