@@ -35,6 +35,7 @@ import comfy.model_sampling
 import comfy.sd1_clip
 import comfy.sdxl_clip
 
+from ..inversion.embedding import ENCODER_KEYS  # ComfyUI's concatenation order (SDXL: l then g)
 from ..inversion.host import Conditioning, EncoderOutput, SimpleTextSide
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "training_host",
 ]
 
-ENCODER_KEYS = ("clip_l", "clip_h", "clip_g")  # ComfyUI's concatenation order (SDXL: l then g)
 _SUPPORTED_CLIPS = (comfy.sd1_clip.SD1ClipModel, comfy.sdxl_clip.SDXLClipModel)
 FP16_GRAD_SCALE = 1024.0  # static loss scale for fp16 UNets: keeps small context gradients above fp16's underflow
 

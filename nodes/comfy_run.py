@@ -74,11 +74,13 @@ class TrainReporter:
         self.node_id = node_id
         self.method = method
         self.num_timesteps = num_timesteps
+        self.last = None  # the latest StepInfo (the final chart shows its sampler estimate)
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         if start:
             self.bar.update_absolute(start, total)
 
     def __call__(self, info) -> None:
+        self.last = info
         send_event(self.node_id, {
             "kind": "train", "step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
             "grad_norm": info.grad_norm, "timesteps": list(info.timesteps),
@@ -87,7 +89,7 @@ class TrainReporter:
             "target_norm": None if not info.target_norms else _mean(info.target_norms.values()),
             "num_timesteps": self.num_timesteps, "method": self.method,
         })
-        for message in getattr(info, "warnings", ()):
+        for message in info.warnings:
             warn_user(self.node_id, message)
         self.bar.update_absolute(info.step, info.total)  # inside a server this also checks Cancel
         check_cancel()

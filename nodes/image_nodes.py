@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..inversion import dataset
 from .comfy_run import warn_user
+from .folders import resolve_folder
 
-__all__ = ["NODES", "LoadConceptImages", "resolve_folder"]
-
-
-def resolve_folder(folder: str) -> str:
-    """An absolute folder as is; a relative one under ComfyUI's input directory."""
-    folder = os.path.expanduser(folder.strip().strip('"'))
-    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+__all__ = ["NODES", "LoadConceptImages"]
 
 
 class LoadConceptImages(io.ComfyNode):
@@ -57,6 +49,7 @@ class LoadConceptImages(io.ComfyNode):
                                tooltip="Loss masks [N, size, size] (all ones when there is none)."),
                 io.Int.Output("count", display_name="count", tooltip="How many images were loaded."),
             ],
+            hidden=[io.Hidden.unique_id],  # names the node in the warning toast
         )
 
     @classmethod

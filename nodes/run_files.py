@@ -24,28 +24,22 @@ from pathlib import Path
 
 import torch
 
+import comfy.model_management
 import folder_paths
 
 from ..inversion.checkpoint import (STATE_SUFFIX, is_state_file, load_state, read_state_meta, save_checkpoint,
                                     state_from_embedding)
 from ..inversion.embedding import validate_name
 from ..inversion.formats import load_embedding, save_embedding
-from ..inversion.trainer import Trainer, TrainState
+from ..inversion.trainer import Trainer, TrainingDiverged, TrainResult, TrainState
 from .comfy_run import embedding_path, warn_user
+from .folders import RUNS  # registered with folder_paths there, with the pack's other model folders
 
 __all__ = ["RUNS", "RunFiles", "runs_dir", "migrate_side_files"]
 
 log = logging.getLogger(__name__)
 
-RUNS = "inversion_runs"
 IF_EXISTS = ("error", "overwrite", "resume")
-
-
-def _register() -> None:
-    folder_paths.add_model_folder_path(RUNS, os.path.join(folder_paths.models_dir, RUNS), is_default=True)
-
-
-_register()
 
 
 def runs_dir() -> Path:
@@ -192,6 +186,26 @@ class RunFiles:
         written = self.checkpoint(trainer)
         self.unfinished.unlink(missing_ok=True)
         return written
+
+    def run(self, trainer: Trainer, callback) -> tuple[TrainResult, Path]:
+        """Train to the end and write the embedding it has earned; on Cancel keep what it learned.
+
+        Cancel (ComfyUI's ``InterruptProcessingException``, raised by ``callback`` or before the first
+        step) propagates after ``stopped``; a divergence becomes a ValueError that says what was kept.
+        """
+        start = trainer.step
+        try:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
+            result = trainer.run(callback)
+        except comfy.model_management.InterruptProcessingException:
+            self.stopped(trainer, start, "cancelled")
+            raise
+        except TrainingDiverged as e:
+            where = self.stopped(trainer, start, "diverged")
+            kept = (f"Saved the last good vectors (step {trainer.step}) to {where}." if where else
+                    "Nothing was saved: no step of this run was usable.")
+            raise ValueError(f"{e} {kept}") from None
+        return result, self.finish(trainer)
 
     def fingerprint(self) -> str:
         """Changes when a resume would start from somewhere else."""

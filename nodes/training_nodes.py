@@ -17,11 +17,12 @@ from comfy_api.latest import io
 
 from ..inversion import charts
 from ..inversion.embedding import LearnedEmbedding, validate_name
+from ..inversion.optim import AdamW, RiemannianSGD
 from ..inversion.presets import PRESETS, MethodParams, build_method
 from ..inversion.profiler import profile_gradients
 from ..inversion.prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, check_templates
 from ..inversion.regularizers import L2Norm, NearestNeighborContrastive
-from ..inversion.trainer import ConceptData, TrainConfig, Trainer, TrainingDiverged, prepare_concept
+from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import ComfyLatentEncoder, training_host
 from .comfy_run import UI_KEY, TrainReporter, check_cancel, history_payload, send_event
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 CATEGORY = "inversion/train"
 TEMPLATE_SETS = ["object", "style", "custom"]
 DEFAULT_METHOD = "adaptive"  # seeds/000's adaptive sampling: the fastest converging without a profile run
+_P = MethodParams()  # the one place method defaults are written; the schema and execute read them
 
 
 def node_id(cls) -> str | None:
@@ -114,7 +116,7 @@ class GradNormProfiler(io.ComfyNode):
                 io.Int.Input("samples_per_bin", default=4, min=1, max=256,
                              tooltip="Draws per bin (image, prompt, noise, t); more = smoother, slower."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Draws per forward/backward pass."),
-                io.Int.Input("window", default=100, min=1, max=1000,
+                io.Int.Input("window", default=_P.window, min=1, max=1000,
                              tooltip="Width of the high-grad interval to suggest, in timesteps (paper: 100)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the draws."),
                 *_template_inputs(),
@@ -137,8 +139,8 @@ class GradNormProfiler(io.ComfyNode):
         total = -(-bins * samples_per_bin // batch_size)
         bar = comfy.utils.ProgressBar(total, node_id=node)
 
-        def progress(done: int, _total: int) -> None:
-            bar.update_absolute(done, _total)
+        def progress(p) -> None:
+            bar.update_absolute(p.step, p.total)
             check_cancel()
 
         with training_host(model, clip) as host:
@@ -173,7 +175,7 @@ class TrainTextualInversion(io.ComfyNode):
             description=(
                 "Learns token embeddings for the concept in the images and saves models/embeddings/<name>.safetensors "
                 "(use it as embedding:<name> in any prompt, or wire the output into Apply Learned Embedding). "
-                "Methods: " + "; ".join(f"{k}: {v[2]}" for k, v in PRESETS.items())
+                "Methods: " + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
             ),
             is_output_node=True,
             inputs=[
@@ -191,7 +193,8 @@ class TrainTextualInversion(io.ComfyNode):
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimisation steps (total, when resuming)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
                 io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=0.0001, round=False,
-                               tooltip="0 = the method's default (5e-3 for AdamW, 0.01 rad for DTI's Riemannian SGD)."),
+                               tooltip=f"0 = the method's default ({AdamW.default_lr:g} for AdamW, "
+                               f"{RiemannianSGD.default_lr:g} rad for DTI's Riemannian SGD)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of every random draw; a resumed run continues the same draws."),
                 *_template_inputs(),
@@ -210,17 +213,17 @@ class TrainTextualInversion(io.ComfyNode):
                 io.Mask.Input("masks", optional=True, tooltip="Loss masks (Load Concept Images): 1 = the concept."),
                 io.Boolean.Input("flip", default=True, optional=True,
                                  tooltip="Also train on mirrored images (off for text or asymmetric concepts)."),
-                io.Int.Input("interval_start", default=350, min=0, max=999, optional=True,
+                io.Int.Input("interval_start", default=_P.interval[0], min=0, max=999, optional=True,
                              tooltip="interval method: first timestep (paper baselines 0, 350, 900)."),
-                io.Int.Input("interval_end", default=450, min=0, max=999, optional=True,
+                io.Int.Input("interval_end", default=_P.interval[1], min=0, max=999, optional=True,
                              tooltip="interval method: last timestep (paper baselines 100, 450, 999)."),
-                io.Int.Input("single_t", default=400, min=0, max=999, optional=True,
+                io.Int.Input("single_t", default=_P.single_t, min=0, max=999, optional=True,
                              tooltip="single_step method: the timestep (paper: 400)."),
-                io.Int.Input("window", default=100, min=1, max=1000, optional=True,
+                io.Int.Input("window", default=_P.window, min=1, max=1000, optional=True,
                              tooltip="high_grad methods: width of the interval around the highest g(t)."),
-                io.Int.Input("adaptive_bins", default=20, min=1, max=1000, optional=True,
+                io.Int.Input("adaptive_bins", default=_P.bins, min=1, max=1000, optional=True,
                              tooltip="adaptive methods: timestep bins of the running g(t) estimate."),
-                io.Float.Input("kappa", default=1e-4, min=0.0, max=1.0, step=1e-5, round=False, optional=True,
+                io.Float.Input("kappa", default=_P.kappa, min=0.0, max=1.0, step=1e-5, round=False, optional=True,
                                tooltip="directional methods: strength of the vMF prior toward the class word."),
                 io.String.Input("class_word", default="", optional=True,
                                 tooltip="directional methods: prior direction, e.g. 'dog'. Empty = the init's "
@@ -252,7 +255,8 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, init, name, method, steps, batch_size, learning_rate, seed,
                 templates, custom_templates, if_exists, checkpoint_every, profile=None, masks=None, flip=True,
-                interval_start=350, interval_end=450, single_t=400, window=100, adaptive_bins=20, kappa=1e-4,
+                interval_start=_P.interval[0], interval_end=_P.interval[1], single_t=_P.single_t, window=_P.window,
+                adaptive_bins=_P.bins, kappa=_P.kappa,
                 class_word="", l2_weight=0.0, contrastive_weight=0.0) -> io.NodeOutput:
         node = node_id(cls)
         if interval_start > interval_end:
@@ -270,33 +274,15 @@ class TrainTextualInversion(io.ComfyNode):
         with training_host(model, clip) as host:
             m = build_method(method, host.text_side, host.denoiser.num_timesteps, params, profile=profile,
                              init_vectors=concept.embedding.vectors)
-            config = replace(config, lr=learning_rate or m.lr)
+            config = replace(config, lr=learning_rate or None)  # 0 = the method's own rate
             trainer = Trainer(host.text_side, host.denoiser, [concept], config, timesteps=m.sampler,
                               optimizer=m.optimizer, regularizers=_regularizers(l2_weight, contrastive_weight),
                               resume=resume, checkpoint=files.checkpoint,
                               metadata={k: str(v) for k, v in metadata.items()})
-            start = trainer.step
-            last = {}
-            reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, start)
-
-            def callback(info):
-                last["info"] = info
-                return reporter(info)
-
-            try:
-                check_cancel()  # pressed while the images were encoded: stop before the first step
-                result = trainer.run(callback)
-            except comfy.model_management.InterruptProcessingException:
-                files.stopped(trainer, start, "cancelled")  # keep the last good vectors, then let ComfyUI stop
-                raise
-            except TrainingDiverged as e:
-                where = files.stopped(trainer, start, "diverged")
-                kept = f"Saved the last good vectors (step {trainer.step}) to {where}." if where else \
-                    "Nothing was saved: no step of this run was usable."
-                raise ValueError(f"{e} {kept}") from None
-            written = files.finish(trainer)
+            reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step)
+            result, written = files.run(trainer, reporter)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
-                                  total=steps, last_info=last.get("info"))
+                                  total=steps, last_info=reporter.last)
         chart = charts.loss_chart(payload)[None]
         return io.NodeOutput(result.embedding, chart, str(written), ui={UI_KEY: [payload]})
 

@@ -17,5 +17,5 @@ from comfy_api.latest import io
 __all__ = ["EmbeddingType", "InitType", "GradProfileType"]
 
 EmbeddingType = io.Custom("INVERSION_EMBEDDING")
-InitType = io.Custom("INVERSION_INIT")  # the same string nodes/vision_language.py declares
+InitType = io.Custom("INVERSION_INIT")
 GradProfileType = io.Custom("INVERSION_GRAD_PROFILE")

@@ -11,14 +11,11 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-
-TESTS = str(Path(__file__).resolve().parent.parent)
 
 
 def _run(node_cls, node_id="7", **inputs):
@@ -61,40 +58,38 @@ def ui(comfyui, monkeypatch):
     """The node module, with its toasts and progress-bar updates recorded."""
     import comfy.utils
 
-    vl = comfyui.mod("nodes.vision_language")
+    vl = comfyui.mod("nodes.caption_nodes")
     toasts, bar = [], []
-    monkeypatch.setattr(vl, "warn_user", lambda node, msg: toasts.append((node, msg)))
+    monkeypatch.setattr(comfyui.mod("nodes.downloads"), "warn_user", lambda node, msg: toasts.append((node, msg)))
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
                         lambda value, total, preview, node_id=None: bar.append((value, total, node_id)))
     return vl, toasts, bar
 
 
 def _check_download(vl, kind, entry, toasts, bar, requests):
-    dest = Path(vl._dirs(kind)[0]) / entry.folder
+    import folder_paths  # ComfyUI's, importable once the comfyui fixture booted it
+
+    dest = Path(vl.model_dirs(kind)[0]) / entry.folder
     assert dest.is_dir() and not dest.with_name(dest.name + ".partial").exists()
-    assert Path(vl.folder_paths.models_dir) in dest.parents
+    assert Path(folder_paths.models_dir) in dest.parents
     total = sum(p.stat().st_size for p in dest.iterdir())
     (node, msg), = toasts
     assert node == "7" and entry.repo in msg and str(dest) in msg and vl.download.format_size(total) in msg
     assert bar and bar[-1] == (total, total, "7")
-    assert entry.folder in (vl._captioner_names() if kind == vl.CAPTIONERS else vl._open_clip_names())
+    assert entry.folder in (vl.captioner_names() if kind == vl.CAPTIONERS else vl.open_clip_names())
     assert requests and all(r.split()[1].startswith(f"/{entry.repo}/resolve/main/") for r in requests)
     return dest
 
 
 def test_downloadable_captioner_is_fetched_once_then_used_from_disk(comfyui, sd2, hub, ui):
-    sys.path.insert(0, TESTS)
-    try:
-        from vl_models import make_blip
-    finally:
-        sys.path.remove(TESTS)
+    from vl_models import make_blip
     root, requests = hub
     vl, toasts, bar = ui
     entry = vl.download.CAPTIONERS[0]
     make_blip(root / entry.repo / "resolve" / "main")
-    assert entry.label in vl._captioner_names()
+    assert entry.label in vl.captioner_names()
     images = torch.rand(2, 40, 56, 3)
-    dest = Path(vl._dirs(vl.CAPTIONERS)[0]) / entry.folder
+    dest = Path(vl.model_dirs(vl.CAPTIONERS)[0]) / entry.folder
     try:
         init, text, _, listing = _run(vl.CaptionInit, clip=sd2.clip, mode="caption", text="", images=images,
                                       captioner=entry.label, max_new_tokens=4).args
@@ -110,18 +105,14 @@ def test_downloadable_captioner_is_fetched_once_then_used_from_disk(comfyui, sd2
 
 
 def test_downloadable_open_clip_is_fetched_and_offline_errors_say_what_to_do(comfyui, sd2, hub, ui, monkeypatch):
-    sys.path.insert(0, TESTS)
-    try:
-        from open_clip_env import import_open_clip
-        from vl_models import make_open_clip
-    finally:
-        sys.path.remove(TESTS)
+    from open_clip_env import import_open_clip
+    from vl_models import make_open_clip
     open_clip = import_open_clip()
     root, requests = hub
     vl, toasts, bar = ui
     entry = vl.download.OPEN_CLIP[0]
     make_open_clip(open_clip, root / entry.repo / "resolve" / "main", "folder")
-    dest = Path(vl._dirs(vl.OPEN_CLIP)[0]) / entry.folder
+    dest = Path(vl.model_dirs(vl.OPEN_CLIP)[0]) / entry.folder
     labels = "red toy car\ntabby cat\nteapot"
     kw = dict(clip=sd2.clip, mode="class", text="", images=torch.rand(2, 36, 36, 3), open_clip_model=entry.label,
               labels=labels)
@@ -150,4 +141,4 @@ def test_unreachable_hub_names_the_url_and_the_manual_install(comfyui, sd2, hub,
     msg = str(e.value)
     assert f"/{entry.repo}/resolve/main/model.safetensors" in msg and "HTTP 404" in msg
     assert "by hand" in msg and "models" in msg and "captioners" in msg and toasts == []
-    assert not (Path(vl._dirs(vl.CAPTIONERS)[0]) / entry.folder).exists()
+    assert not (Path(vl.model_dirs(vl.CAPTIONERS)[0]) / entry.folder).exists()

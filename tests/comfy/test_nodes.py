@@ -18,17 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools import harness
+
 STEPS = 4
 SIZE = 64
 
 
 def run(comfyui, node_cls, node_id="7", **inputs):
-    """``node_cls.execute`` as ComfyUI's executor calls it: a class clone with its hidden inputs."""
-    from comfy_api.latest import io
-
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
-    with torch.inference_mode():
-        return clone.execute(**inputs)
+    return harness.run_node(node_cls, node_id, **inputs)
 
 
 def nodes(comfyui) -> types.SimpleNamespace:
@@ -184,7 +181,9 @@ def test_other_families_train_and_save(comfyui, request, fam):
     loaded = comfyui.mod("inversion.formats").load_embedding(path)
     assert sorted(loaded.keys) == sorted(keys)
     assert loaded.metadata["model_family"] == {"sdxl": "SDXL", "sd2": "SD2.x"}[fam]
-    assert os.path.isfile(path.replace(".safetensors", ".state.safetensors"))  # checkpoint_every wrote the state
+    state = comfyui.mod("nodes.run_files").runs_dir() / f"concept-{fam}" / "state.safetensors"
+    assert state.is_file()  # checkpoint_every wrote the state, in the runs folder
+    assert not os.path.exists(path.replace(".safetensors", ".state.safetensors"))  # never beside the embedding
 
 
 def test_bad_wiring_messages(comfyui, sd15, sdxl):

@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
 
-import modload  # tests/, on sys.path by tests/conftest.py
+from devtools import harness
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-harness = modload.load("inversion_comfy_harness", os.path.join(HERE, "harness.py"))
 pytestmark = pytest.mark.skipif(harness.comfyui_path() is None,
                                 reason="COMFYUI_PATH is not set to a ComfyUI checkout (see DEVELOPERS.md)")
 
@@ -29,10 +26,11 @@ EMBED = 48  # the tiny SD2 CLIP's clip_h projection width: the joint space of th
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = harness.boot(str(tmp_path_factory.mktemp("comfy-base")))
-    pack = harness.import_pack()
-    env.vl = sys.modules[f"{pack.__name__}.nodes.vision_language"]
+def env(comfyui):
+    """The session's ComfyUI (one boot: a second one would move models/ under the other tests' feet)."""
+    env = types.SimpleNamespace(**vars(comfyui))
+    env.vl, env.ovi, env.adapters = (sys.modules[f"{comfyui.pack.__name__}.nodes.{name}"]
+                                     for name in ("caption_nodes", "ovi_nodes", "vision_adapters"))
     return env
 
 
@@ -87,7 +85,7 @@ def test_ovi_output_drives_unclip_sampling(env, tmp_path):
     cv = _tiny_clip_vision(tmp_path)
     _, clip, _ = harness.tiny_sd2()
     with torch.inference_mode():  # as the executor runs a node
-        out = env.vl.OVIPrior.execute(clip_vision=cv, prompt="a photo of a red car", clip=clip, steps=25)
+        out = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a photo of a red car", clip=clip, steps=25)
     cvo, chart, sim = out.args
     emb = cvo["image_embeds"]
     assert emb.ndim == 2 and tuple(emb.shape) == (1, EMBED)
@@ -118,15 +116,15 @@ def test_ovi_raises_similarity_inside_comfy(env, tmp_path):
     cv = _tiny_clip_vision(tmp_path, seed=1)
     _, clip, _ = harness.tiny_sd2()
     with torch.inference_mode():
-        short = env.vl.OVIPrior.execute(clip_vision=cv, prompt="a blue dog", clip=clip, steps=1)
-        long = env.vl.OVIPrior.execute(clip_vision=cv, prompt="a blue dog", clip=clip, steps=40, lr=0.1)
+        short = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a blue dog", clip=clip, steps=1)
+        long = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a blue dog", clip=clip, steps=40, lr=0.1)
     assert long.args[2] > short.args[2] + 0.05
 
 
 def test_ovi_refuses_an_sd1_clip(env, tmp_path):
     cv = _tiny_clip_vision(tmp_path)
     with torch.inference_mode(), pytest.raises(ValueError, match="SD1 CLIP"):
-        env.vl.OVIPrior.execute(clip_vision=cv, prompt="a cat", clip=_tiny_sd1_clip(), steps=2)
+        env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a cat", clip=_tiny_sd1_clip(), steps=2)
 
 
 def test_build_image_stats_then_constrained_ovi(env, tmp_path):
@@ -134,12 +132,12 @@ def test_build_image_stats_then_constrained_ovi(env, tmp_path):
     _, clip, _ = harness.tiny_sd2()
     images = torch.rand(4, 40, 48, 3)
     with torch.inference_mode():
-        (name,) = env.vl.BuildImageStats.execute(clip_vision=cv, name="tiny_stats", images=images).args
+        (name,) = env.ovi.BuildImageStats.execute(clip_vision=cv, name="tiny_stats", images=images).args
         assert name == "tiny_stats.safetensors"
-        assert name in env.vl._stats_names()
+        assert name in env.ovi._stats_names()
         with pytest.raises(FileExistsError):
-            env.vl.BuildImageStats.execute(clip_vision=cv, name="tiny_stats", images=images)
-        out = env.vl.OVIPrior.execute(clip_vision=cv, prompt="a cat", clip=clip, steps=10, image_stats=name,
+            env.ovi.BuildImageStats.execute(clip_vision=cv, name="tiny_stats", images=images)
+        out = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a cat", clip=clip, steps=10, image_stats=name,
                                       lambda_m=0.01, lambda_n=0.5)
     assert out.args[0]["image_embeds"].shape == (1, EMBED)
 
@@ -152,24 +150,20 @@ def test_build_image_stats_then_constrained_ovi(env, tmp_path):
     with open(os.path.join(folder, "broken.png"), "wb") as f:
         f.write(b"not an image")
     with torch.inference_mode():
-        (name2,) = env.vl.BuildImageStats.execute(clip_vision=cv, name="from_folder", folder="stats_images").args
+        (name2,) = env.ovi.BuildImageStats.execute(clip_vision=cv, name="from_folder", folder="stats_images").args
     stats = harness_stats(env, name2)
     assert stats.count == 3 and stats.metadata["source"] == "stats_images"
 
 
 def harness_stats(env, name):
-    path = env.folder_paths.get_full_path(env.vl.OVI_STATS, name)
+    path = env.folder_paths.get_full_path(env.ovi.OVI_STATS, name)
     return sys.modules[env.vl.__name__.rsplit(".nodes.", 1)[0] + ".inversion.ovi"].load_image_stats(path)
 
 
 def test_caption_init_manual_and_caption_modes(env, tmp_path):
-    sys.path.insert(0, os.path.dirname(HERE))
-    try:
-        from vl_models import make_blip
-    finally:
-        sys.path.remove(os.path.dirname(HERE))
-    make_blip(os.path.join(env.vl._dirs(env.vl.CAPTIONERS)[0], "tiny-blip"))
-    assert "tiny-blip" in env.vl._captioner_names()
+    from vl_models import make_blip
+    make_blip(os.path.join(env.vl.model_dirs(env.vl.CAPTIONERS)[0], "tiny-blip"))
+    assert "tiny-blip" in env.vl.captioner_names()
     _, clip, _ = harness.tiny_sd2()
     with torch.inference_mode():
         init, text, word, _ = env.vl.CaptionInit.execute(clip=clip, mode="manual", text="a red toy car").args
@@ -193,22 +187,18 @@ def test_converted_vision_tower_matches_comfy_encoder(env, tmp_path):
     with torch.inference_mode():
         ref = cv.encode_image(images)["image_embeds"].float()
     with torch.inference_mode(False):
-        tower = env.vl.comfy_vision_tower(cv, torch.device("cpu"), torch.float32)
+        tower = env.adapters.comfy_vision_tower(cv, torch.device("cpu"), torch.float32)
         ours = tower.encode_images((images * 255).round().div(255).movedim(-1, 1))  # comfy quantises to 8 bits
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=4e-3 * float(ref.abs().max()))  # fp16 weights in ComfyUI
     assert not any(p.is_inference() for p in tower.model.parameters())
 
 
 def test_caption_init_class_mode(env, tmp_path):
-    sys.path.insert(0, os.path.dirname(HERE))
-    try:
-        from open_clip_env import import_open_clip
-        from vl_models import make_open_clip
-    finally:
-        sys.path.remove(os.path.dirname(HERE))
+    from open_clip_env import import_open_clip
+    from vl_models import make_open_clip
     open_clip = import_open_clip()
-    make_open_clip(open_clip, os.path.join(env.vl._dirs(env.vl.OPEN_CLIP)[0], "tiny-oc"), "folder")
-    assert "tiny-oc" in env.vl._open_clip_names()
+    make_open_clip(open_clip, os.path.join(env.vl.model_dirs(env.vl.OPEN_CLIP)[0], "tiny-oc"), "folder")
+    assert "tiny-oc" in env.vl.open_clip_names()
     _, clip, _ = harness.tiny_sd2()
     labels = "red toy car\ntabby cat\nteapot"
     with torch.inference_mode():
@@ -221,7 +211,7 @@ def test_caption_init_class_mode(env, tmp_path):
 
 
 def test_node_schemas_are_valid_with_tooltips(env):
-    for node in env.vl.NODES:
+    for node in env.vl.NODES + env.ovi.NODES:
         info = node.GET_NODE_INFO_V1()  # validates the schema as ComfyUI does when listing nodes
         assert info["name"].startswith("Inversion")
         for section in ("required", "optional"):
@@ -231,14 +221,10 @@ def test_node_schemas_are_valid_with_tooltips(env):
 
 
 def test_ovi_with_an_open_clip_text_encoder_checks_the_joint_space(env, tmp_path):
-    sys.path.insert(0, os.path.dirname(HERE))
-    try:
-        from open_clip_env import import_open_clip
-        from vl_models import OPEN_CLIP_TINY, make_open_clip
-    finally:
-        sys.path.remove(os.path.dirname(HERE))
-    make_open_clip(import_open_clip(), os.path.join(env.vl._dirs(env.vl.OPEN_CLIP)[0], "tiny-oc-text"), "folder")
+    from open_clip_env import import_open_clip
+    from vl_models import OPEN_CLIP_TINY, make_open_clip
+    make_open_clip(import_open_clip(), os.path.join(env.vl.model_dirs(env.vl.OPEN_CLIP)[0], "tiny-oc-text"), "folder")
     cv = _tiny_clip_vision(tmp_path)  # 48-d; the tiny open_clip model is 16-d: not the same CLIP
     assert OPEN_CLIP_TINY["embed_dim"] != EMBED
     with torch.inference_mode(), pytest.raises(ValueError, match="same CLIP"):
-        env.vl.OVIPrior.execute(clip_vision=cv, prompt="a cat", text_encoder="tiny-oc-text", steps=2)
+        env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a cat", text_encoder="tiny-oc-text", steps=2)
