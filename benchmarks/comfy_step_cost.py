@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import statistics
 import sys
@@ -30,14 +29,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # devtools, as for its siblings
 
-
-def load_harness():
-    spec = importlib.util.spec_from_file_location("inversion_comfy_harness", os.path.join(ROOT, "tests", "comfy", "harness.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from devtools import harness  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +42,6 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=2, help="learned vectors (k)")
     args = ap.parse_args()
 
-    harness = load_harness()
     if harness.comfyui_path() is None:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     env = harness.boot(tempfile.mkdtemp(prefix="comfy-bench-"))

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):  # the library, and this folder's helper modules (tiny_models)
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-from tiny_models import TinyWorld, make_tiny  # noqa: E402
+# pytest's pythonpath (pyproject.toml) puts the repository root (inversion, devtools) and tests/
+# (this folder's helper modules: tiny_models, vl_models, open_clip_env) on sys.path.
+from tiny_models import TinyWorld, make_tiny
 
 
 @pytest.fixture(scope="session")

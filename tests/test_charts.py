@@ -180,14 +180,25 @@ def test_profile_chart_peak_and_window_where_g_is_largest():
     assert win.size and abs(((win.min() + win.max()) / 2 - lo) / (hi - lo) - 0.775) < 0.06
 
 
-def test_profile_window_matches_the_profiler():
+def test_profile_window_is_the_known_answer():
     from inversion.profiler import GradProfile
 
-    mean = [math.exp(-(((i + 0.5) * 50 - 300) / 120) ** 2) for i in range(20)]
-    p = _profile(mean)
-    prof = GradProfile(torch.tensor(p["edges"]), torch.tensor(mean, dtype=torch.float64),
-                       torch.zeros(20, dtype=torch.float64), torch.ones(20, dtype=torch.long), 1000)
-    assert charts._best_window(p["edges"], mean, 1000, 150) == prof.best_window(150)
+    # T = 8, bins [0, 2) [2, 4) [4, 6) [6, 8) with centres 1, 3, 5, 7 and means 1, 3, 3, 1: linear
+    # between centres, constant beyond them, g(t) for t = 0..7 is 1 1 2 3 3 3 2 1 (exact in floats)
+    edges, mean, T = [0, 2, 4, 6, 8], [1.0, 3.0, 3.0, 1.0], 8
+    known = {
+        1: (3, 3),  # g = 3 at t = 3, 4, 5: a three-way tie, the earliest wins
+        2: (3, 4),  # pair sums 2 3 5 6 6 5 3: [3, 4] and [4, 5] tie at 6, the earliest wins
+        3: (3, 5),  # wider than a bin: sums 4 6 8 9 8 6, the only maximum is 3 + 3 + 3
+        8: (0, 7),  # the whole range
+    }
+    prof = GradProfile(torch.tensor(edges), torch.tensor(mean, dtype=torch.float64),
+                       torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.long), T)
+    for width, window in known.items():
+        assert charts._best_window(edges, mean, T, width) == window, width
+        assert prof.best_window(width) == window, width
+    assert charts._best_window(edges, mean, T, 9) is None  # wider than T
+    assert charts._best_window(edges, [1.0, float("nan"), 3.0, 1.0], T, 2) is None  # a bin not measured
     _check_image(profile_chart(prof), 384, 768)  # a GradProfile object is accepted too
 
 

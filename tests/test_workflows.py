@@ -16,8 +16,7 @@ import re
 import pytest
 from PIL import Image
 
-import modload
-from workflow_check import FRONTEND_ONLY, check_workflow, pack_node_ids, widget_layout
+from devtools.workflow_check import FRONTEND_ONLY, MODEL_SUFFIXES, check_workflow, pack_node_ids, widget_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
@@ -36,6 +35,23 @@ TASKS = {
     "09_sdxl_training": {"InversionTrainTextualInversion"},
 }
 METHOD = {"01": "vanilla", "02": "high_grad", "03": "adaptive", "04": "directional"}
+# Stock model loaders: node type -> (the widget naming the file, the models sub-folder it reads).
+LOADERS = {
+    "CheckpointLoaderSimple": ("ckpt_name", "checkpoints"),
+    "unCLIPCheckpointLoader": ("ckpt_name", "checkpoints"),
+    "ImageOnlyCheckpointLoader": ("ckpt_name", "checkpoints"),
+    "CLIPVisionLoader": ("clip_name", "clip_vision"),
+    "VAELoader": ("vae_name", "vae"),
+    "LoraLoader": ("lora_name", "loras"),
+    "CLIPLoader": ("clip_name", "text_encoders"),
+    "UNETLoader": ("unet_name", "diffusion_models"),
+    "ControlNetLoader": ("control_net_name", "controlnet"),
+}
+# The frontend's missing-models dialog (MissingModelsWarning, frontend 1.27) downloads only these
+# suffixes from these hosts; other files are listed with their URL to fetch by hand.
+DIALOG_SUFFIXES = (".safetensors", ".sft")
+DIALOG_HOSTS = ("https://huggingface.co/", "https://civitai.com/")
+NOT_IN_DIALOG = {"sd21-unclip-h.ckpt"}  # SD2.1 unCLIP-H is published as a .ckpt only
 
 
 def _stem(path: str) -> str:
@@ -50,7 +66,7 @@ def _load(path: str) -> dict:
 @pytest.fixture(scope="module")
 def live_schemas(tmp_path_factory):
     """/object_info of a real ComfyUI with the pack installed, or None without COMFYUI_PATH."""
-    sp = modload.load("inversion_server_process", os.path.join(ROOT, "tests", "comfy", "server_process.py"))
+    from devtools import server_process as sp
     if sp.comfyui_path() is None:
         return None
     return sp.object_info(str(tmp_path_factory.mktemp("object-info")))
@@ -99,6 +115,34 @@ def test_training_workflows_use_their_method(prefix, method):
     values = dict(zip(names, train["widgets_values"]))
     assert values["method"] == method
     assert values["seed:control_after_generate"] == "fixed"  # re-queueing must not retrain with a new seed
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_stem)
+def test_every_model_loader_declares_its_model(path):
+    """properties.models on each loader: ComfyUI's missing-models dialog then offers the download."""
+    schemas = _load(SNAPSHOT)
+    loaders = 0
+    for n in _load(path)["nodes"]:
+        t = n["type"]
+        if t in FRONTEND_ONLY or t in PACK_IDS:  # the pack's loaders read the user's own files
+            continue
+        values = dict(zip([name for name, _ in widget_layout(schemas[t])], n.get("widgets_values") or []))
+        if t not in LOADERS:
+            assert "Loader" not in t, f"{t}: add it to LOADERS (its widget and models folder)"
+            assert not [v for v in values.values() if isinstance(v, str) and v.endswith(MODEL_SUFFIXES)], t
+            continue
+        loaders += 1
+        widget, directory = LOADERS[t]
+        name = values[widget]
+        models = (n.get("properties") or {}).get("models")
+        assert models, f"{_stem(path)}: {t} declares no properties.models for {name}"
+        assert [m["name"] for m in models] == [name], (t, models)
+        model = models[0]
+        assert model["directory"] == directory, (t, model)
+        assert model["url"].startswith(DIALOG_HOSTS) and model["url"].endswith("/" + name), (t, model)
+        assert name.endswith(DIALOG_SUFFIXES) or name in NOT_IN_DIALOG, \
+            f"{name}: the missing-models dialog downloads only {DIALOG_SUFFIXES} files"
+    assert loaders >= 1  # every example loads a checkpoint
 
 
 def test_snapshot_matches_the_live_schemas(live_schemas):
@@ -169,18 +213,89 @@ def test_every_node_has_a_help_page(live_schemas):
                     assert f"**{name}**" in text, f"{node_id}: input {name!r} is not documented"
 
 
+WEB_JS = os.path.join(ROOT, "web", "js")
+# the import forms of an ES module: `import ... from "x"`, `export ... from "x"`, `import "x"`, `import("x")`
+_JS_IMPORTS = (r"\b(?:import|export)\b[\w\s{},*$]*?\bfrom\s*[\"']([^\"']*)[\"']", r"\bimport\s*[\"']([^\"']*)[\"']",
+               r"\bimport\s*\(\s*[\"']([^\"']*)[\"']\s*\)")
+# top-level statements a helper module may start (a call or an assignment there runs on import)
+_JS_DECLARATIONS = re.compile(r"(?:import|export|const|let|function|async function|class)\b|[}\])]")
+_JS_SIDE_EFFECTS = re.compile(r"\b(?:app|api|document)\.\w+\s*\(|\b(?:setInterval|setTimeout|addEventListener)\s*\(")
+
+
+def _js_code(src: str) -> str:
+    """The source without its comments (block comments, whole-line and ` // ...` trailing ones)."""
+    src = re.sub(r"/\*.*?\*/", lambda m: "\n" * m.group().count("\n"), src, flags=re.S)
+    return re.sub(r"(?m)(?:^[ \t]*|[ \t]+)//.*$", "", src)
+
+
+def _web_module_problems(path: str, src: str) -> list[str]:
+    """What breaks the web-folder rules in the module ``src`` at ``path`` (under web/js).
+
+    The frontend imports every .js under web/ as an extension, so: ASCII; imports only of the pack's
+    own modules, by relative path (never the frontend's deprecated ``/scripts/*.js`` shims: its API
+    is ``window.comfyAPI``); an entry module (one calling ``registerExtension``) reads
+    ``window.comfyAPI`` and names its extension ``comfyui-inversion.*``; a helper module (any
+    other) only declares and exports: no top-level statement that runs something.
+    """
+    problems = [] if src.isascii() else ["not ASCII"]
+    code = _js_code(src)
+    found = [m for pattern in _JS_IMPORTS for m in re.finditer(pattern, code)]
+    if len(re.findall(r"\bimport\b", code)) != sum(m.group().startswith("import") for m in found):
+        problems.append("an import this check does not recognise")
+    for m in found:
+        spec = m.group(1)
+        target = os.path.normpath(os.path.join(os.path.dirname(path), spec))
+        if not spec.startswith(("./", "../")):
+            problems.append(f"import {spec!r}: only relative imports of the pack's modules (window.comfyAPI, not /scripts/*.js)")
+        elif os.path.commonpath([target, WEB_JS]) != WEB_JS or not spec.endswith(".js"):
+            problems.append(f"import {spec!r}: not a module under web/js")
+        elif not os.path.isfile(target):
+            problems.append(f"import {spec!r}: no such module")
+    if "registerExtension" in code:
+        if "window.comfyAPI" not in code:
+            problems.append("an entry module must get app/api from window.comfyAPI")
+        m = re.search(r"registerExtension\(\s*\{.*?\bname\s*:\s*(?:[\"']([^\"']*)[\"']|([A-Za-z_$][\w$]*))", code, re.S)
+        name = m and (m.group(1) if m.group(1) is not None else
+                      next(iter(re.findall(rf"\bconst\s+{re.escape(m.group(2))}\s*=\s*[\"']([^\"']*)[\"']", code)), None))
+        if not (name and name.startswith("comfyui-inversion.")):
+            problems.append(f"extension name {name!r}: use 'comfyui-inversion.<feature>'")
+    else:
+        for line in code.splitlines():
+            if line.strip() and not line[0].isspace() and (not _JS_DECLARATIONS.match(line) or _JS_SIDE_EFFECTS.search(line)):
+                problems.append(f"a helper module runs code on import: {line.strip()!r}")
+    return problems
+
+
 def test_web_folder_holds_only_extension_modules_and_docs():
-    """The frontend loads every .js under web/; help pages are web/docs/<NodeId>.md."""
+    """The frontend loads every .js under web/ (recursively); help pages are web/docs/<NodeId>.md."""
+    # the check itself catches what it is for
+    here = os.path.join(WEB_JS, "example.js")
+    entry = 'const { app } = window.comfyAPI.app;\napp.registerExtension({ name: "comfyui-inversion.example" });\n'
+    assert _web_module_problems(here, entry) == []
+    assert _web_module_problems(here, 'import { ema } from "./inversion/chart_math.js";\n' + entry) == []
+    assert _web_module_problems(here, 'export { ema } from "./inversion/chart_math.js";\nexport function f() {\n  return 1;\n}\n') == []
+    for bad, why in [
+        ('import { app } from "/scripts/app.js";\napp.registerExtension({ name: "comfyui-inversion.x" });\n', "relative"),
+        ('import { app } from "../../scripts/app.js";\n' + entry, "not a module under web/js"),
+        ('import { f } from "./inversion/no_such_module.js";\n' + entry, "no such module"),
+        ('const m = await import(\n  "/scripts/app.js");\n' + entry, "import"),
+        (entry.replace("comfyui-inversion.example", "example"), "extension name"),
+        (entry.replace("window.comfyAPI.app", "globalThis.app"), "window.comfyAPI"),
+        (entry + "// caf\u00e9\n", "ASCII"),
+        ('const { api } = window.comfyAPI.api;\napi.addEventListener("x", () => {});\n', "runs code on import"),
+        ('export const TIMER = setInterval(() => {}, 500);\n', "runs code on import"),
+        ('export { app } from "/scripts/app.js";\n', "relative"),
+    ]:
+        assert any(why in p for p in _web_module_problems(here, bad)), bad
+    modules = 0
     for dirpath, _, files in os.walk(os.path.join(ROOT, "web")):
         rel = os.path.relpath(dirpath, ROOT).replace(os.sep, "/")
         for fn in files:
             if rel == "web/docs":
                 assert fn.endswith(".md") and fn[:-3] in PACK_IDS, f"{rel}/{fn}"
-            else:
-                assert rel == "web/js" and fn.endswith(".js"), f"{rel}/{fn}"
-                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
-                    src = f.read()
-                # ES module, comfyAPI only: no imports of the frontend's /scripts/*.js shims
-                assert not re.search(r"^\s*import\s", src, re.M), fn
-                assert "window.comfyAPI" in src and "registerExtension" in src, fn
-                assert src.isascii(), fn
+                continue
+            assert (rel == "web/js" or rel.startswith("web/js/")) and fn.endswith(".js"), f"{rel}/{fn}"
+            with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                assert _web_module_problems(os.path.join(dirpath, fn), f.read()) == [], f"{rel}/{fn}"
+            modules += 1
+    assert modules >= 2

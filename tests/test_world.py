@@ -177,12 +177,9 @@ def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
     """The README's measurement script in its smoke-test form: runs, writes its JSON, table and
     charts, and ``--replot`` rebuilds the same table from the JSON alone."""
     import json
-    import pathlib
 
-    import modload
+    from benchmarks import world_methods as mod  # the repository root is on sys.path (pytest's pythonpath)
 
-    mod = modload.load("inversion_world_methods",
-                       pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "world_methods.py")
     mod.main(["--quick", "--only", "vanilla", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "world_methods.json").read_text())
     names = {r["variant"] for r in data["runs"]}

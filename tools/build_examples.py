@@ -2,8 +2,8 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/build_examples.py [--only STEM ...] [--no-thumbs] [--no-docs]
 
-A ComfyUI server with this pack in ``custom_nodes`` is started (``tests/comfy/server_process.py``)
-and opened in headless chromium (``tests/comfy/cdp.py``). Each workflow below is built in the page
+A ComfyUI server with this pack in ``custom_nodes`` is started (``devtools/server_process.py``)
+and opened in headless chromium (``devtools/cdp.py``). Each workflow below is built in the page
 with the frontend's own node classes (``LiteGraph.createNode``, widgets set by name, sockets
 connected by name), laid out in columns, and saved with ``app.graph.serialize()``: exactly the JSON
 the editor saves, widget values in the order the frontend expects. A loader's ``models`` (its model
@@ -22,7 +22,6 @@ change; commit the JSON, the thumbnails, the schema file and the help pages.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -31,17 +30,10 @@ import tempfile
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script, sys.path[0] is tools/; devtools is at the repository root
 OUT = os.path.join(ROOT, "example_workflows")
 SCHEMAS = os.path.join(ROOT, "tests", "workflow_nodes.json")
 THUMB_SIZE = (640, 480)
-
-
-def _load(name: str, rel: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 NOTE_COLOR = ("#432", "#653")  # the frontend's "yellow" note colours
@@ -215,8 +207,8 @@ def write_docs(info: dict) -> None:
 
 
 def build(only: list[str] | None, thumbs: bool, docs: bool) -> None:
-    sp = _load("inversion_server_process", "tests/comfy/server_process.py")
-    cdp = _load("inversion_cdp", "tests/comfy/cdp.py")
+    from devtools import cdp
+    from devtools import server_process as sp
     from PIL import Image
 
     todo = [w for w in WORKFLOWS if not only or w.stem in only]

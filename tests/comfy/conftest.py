@@ -9,23 +9,12 @@ folder. The random SD1.5 checkpoint is built once and cached outside the reposit
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import types
 
 import pytest
 
-import modload  # tests/, on sys.path by tests/conftest.py
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load_harness():
-    # the name tests/comfy/test_ovi_comfy.py loads it under, too
-    return modload.load("inversion_comfy_harness", os.path.join(_HERE, "harness.py"))
-
-
-harness = _load_harness()
+from devtools import harness  # the repository root is on sys.path (pytest's pythonpath)
 
 SKIP_REASON = ("COMFYUI_PATH is not set to a ComfyUI checkout (see DEVELOPERS.md); the tests against a "
                "real ComfyUI are skipped")
@@ -70,3 +59,12 @@ def family(request) -> types.SimpleNamespace:
     bundle = request.getfixturevalue(request.param)
     bundle.name = request.param
     return bundle
+
+
+@pytest.fixture()
+def toasts(comfyui, monkeypatch) -> list[tuple[str, dict]]:
+    """Every (event, payload) the pack sends to the browser through ``comfy_run`` (toasts included)."""
+    comfy_run = comfyui.mod("nodes.comfy_run")
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(comfy_run, "_send", lambda event, payload: sent.append((event, payload)))
+    return sent

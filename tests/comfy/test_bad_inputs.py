@@ -14,28 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools import harness
+
 SIZE = 64
 
 
 def run(comfyui, node_cls, node_id="7", **inputs):
-    """``node_cls.execute`` as ComfyUI's executor calls it: a class clone with its hidden inputs."""
-    from comfy_api.latest import io
-
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
-    with torch.inference_mode():
-        return clone.execute(**inputs)
+    return harness.run_node(node_cls, node_id, **inputs)
 
 
 def nodes(comfyui):
     return {n.__name__: n for n in comfyui.mod("nodes").NODES}
 
 
-@pytest.fixture()
-def toasts(comfyui, monkeypatch):
-    comfy_run = comfyui.mod("nodes.comfy_run")
-    sent = []
-    monkeypatch.setattr(comfy_run, "_send", lambda event, payload: sent.append((event, payload)))
-    return sent
 
 
 def _images(n=2, size=SIZE, seed=0):

@@ -16,19 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import modload  # tests/, on sys.path by tests/conftest.py
+from devtools import cdp
+from devtools import server_process as sp
+from devtools import workflow_check as check
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-def _load(name, fn):
-    return modload.load(name, os.path.join(HERE, fn))
-
-
-sp = _load("inversion_server_process", "server_process.py")
-cdp = _load("inversion_cdp", "cdp.py")
-check = _load("inversion_workflow_check", os.path.join("..", "workflow_check.py"))
 
 pytestmark = [
     pytest.mark.skipif(sp.comfyui_path() is None, reason="COMFYUI_PATH is not set to a ComfyUI checkout"),
@@ -52,8 +45,8 @@ def server(tmp_path_factory, request):
     base = tmp_path_factory.mktemp("browser-comfy")
     srv = sp.ComfyServer(str(base))
     srv.install_pack()
-    # the random SD1.5 checkpoint of tests/comfy/harness.py, built (once, cached) if needed
-    harness = _load("inversion_comfy_harness", "harness.py")
+    # the random SD1.5 checkpoint of devtools/harness.py, built (once, cached) if needed
+    from devtools import harness
     path = os.path.join(harness.cache_dir(), harness.SD15_NAME)
     if not os.path.isfile(path):
         request.getfixturevalue("comfyui")  # boots ComfyUI in this process, which the builder needs
@@ -96,9 +89,11 @@ def _load_workflow(page, wf: dict, name: str) -> None:
 
 
 def test_page_loads_the_extension_without_errors(page, server):
-    # the server lists our module among the extensions the page imports; nothing else of ours is a script
+    # the server lists our modules among the extensions the page imports (every .js under web/, the
+    # chart's helper modules too: they only export); nothing else of ours is a script
     ours = [u for u in server.get("/extensions") if u.startswith(f"/extensions/{PACK}/")]
-    assert ours == [f"/extensions/{PACK}/js/inversion_charts.js"]
+    assert sorted(ours) == [f"/extensions/{PACK}/js/{m}.js" for m in (
+        "inversion/chart_draw", "inversion/chart_math", "inversion/chart_widget", "inversion_charts", "inversion_warnings")]
     types = page.evaluate("Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith('Inversion'))")
     assert sorted(types) == sorted(check.pack_node_ids(ROOT))
     # the extension ran: the chart nodes get their chart widget, the others none
@@ -222,7 +217,7 @@ def test_js_chart_maths_matches_the_library(page):
         cases.append((edges, mean, int(gen.integers(1, 400))))
     loss = [float(x) for x in gen.random(50)] + [float("nan")] + [0.5] * 5
     js = page.evaluate(f"""(async () => {{
-        const m = await import('/extensions/{PACK}/js/inversion_charts.js');
+        const m = await import('/extensions/{PACK}/js/inversion/chart_math.js');
         const cases = {json.dumps(cases)};
         const loss = {json.dumps(loss)};  // NaN is a JS literal too
         return {{windows: cases.map(([e, g, w]) => m.bestWindow(e, g, 1000, w)),
@@ -236,25 +231,46 @@ def test_js_chart_maths_matches_the_library(page):
 
 
 def test_removing_the_node_cleans_up_its_chart(page):
+    """Removing the node detaches its chart and drops its data; the timer that mounts charts in the
+    Vue node renderer runs only while a chart exists: one for all of them, cleared with the last."""
     result = page.evaluate(f"""(async () => {{
         const {{ app }} = window.comfyAPI.app;
         const {{ api }} = window.comfyAPI.api;
+        const settle = (ms) => new Promise((r) => requestAnimationFrame(() => setTimeout(r, ms)));
         app.graph.clear();
-        const node = LiteGraph.createNode('{TRAIN}');
-        app.graph.add(node);
-        await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 100)));
-        const widget = node.widgets.find((w) => w.name === 'inversion_chart');
-        const el = widget.element;
-        const before = el.isConnected;
-        const id = node.id;
-        app.graph.remove(node);
-        await new Promise((r) => requestAnimationFrame(() => setTimeout(r, 100)));
-        // events for the removed node are ignored, without errors
-        api.dispatchCustomEvent('inversion.progress', {{node: String(id), kind: 'train', step: 1, total: 1, loss: 1,
-                                                         timesteps: [1], num_timesteps: 1000}});
-        return [before, el.isConnected, widget.value];
+        await settle(800);  // charts of nodes gone without onRemoved (in cleared subgraphs) are dropped by now
+        const {{ setInterval: realSet, clearInterval: realClear }} = window;
+        const started = [];
+        const cleared = [];
+        window.setInterval = (...args) => {{ const id = realSet(...args); started.push(id); return id; }};
+        window.clearInterval = (id) => {{ cleared.push(id); return realClear(id); }};
+        try {{
+            const other = LiteGraph.createNode('{TRAIN}');
+            app.graph.add(other);
+            const node = LiteGraph.createNode('{TRAIN}');
+            app.graph.add(node);
+            window.setInterval = realSet;  // only the timers the two new charts started
+            await settle(100);
+            const widget = node.widgets.find((w) => w.name === 'inversion_chart');
+            const el = widget.element;
+            const before = el.isConnected;
+            const id = node.id;
+            app.graph.remove(other);
+            const afterOne = started.some((t) => cleared.includes(t));
+            app.graph.remove(node);
+            await settle(100);
+            const afterLast = started.length > 0 && started.every((t) => cleared.includes(t));
+            // events for the removed node are ignored, without errors
+            api.dispatchCustomEvent('inversion.progress', {{node: String(id), kind: 'train', step: 1, total: 1, loss: 1,
+                                                             timesteps: [1], num_timesteps: 1000}});
+            return [before, el.isConnected, widget.value, started.length, afterOne, afterLast];
+        }} finally {{
+            window.setInterval = realSet;
+            window.clearInterval = realClear;
+        }}
     }})()""")
-    assert result == [True, False, ""]  # detached, and its data dropped
+    assert result[:3] == [True, False, ""]  # detached, and its data dropped
+    assert result[3:] == [1, False, True]  # one timer for both charts, running until the last is removed
     assert not _pack_errors(page)
 
 
@@ -408,4 +424,31 @@ def test_short_training_run_draws_the_chart_and_survives_a_reload(page, server):
     page.pump(1.0)
     assert _chart_pixels(page, node) > 50
     page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart_after_reload.png"))
+    assert not _pack_errors(page), _pack_errors(page)
+
+
+def test_a_warning_reaches_the_user_as_a_toast(page, server):
+    """An unreadable image is skipped, and the user is told in the page (not only in the server log)."""
+    folder = os.path.join(server.base_dir, "input", "warn_concept")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(np.full((64, 64, 3), 128, "uint8")).save(os.path.join(folder, "good.png"))
+    with open(os.path.join(folder, "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+    page.evaluate("""(() => {
+        window.__inversionWarnings = [];
+        window.comfyAPI.api.api.addEventListener('inversion.warning', (e) => window.__inversionWarnings.push(e.detail));
+        return true;
+    })()""")
+    prompt = {
+        "1": {"class_type": "InversionLoadConceptImages",
+              "inputs": {"folder": "warn_concept", "size": 64, "fit": "crop", "alpha_as_mask": True}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    server.post("/prompt", {"prompt": prompt, "client_id": page.evaluate("window.comfyAPI.api.api.clientId")})
+    page.wait_for("window.__inversionWarnings.length > 0", timeout=120)
+    detail = page.evaluate("window.__inversionWarnings[0]")
+    assert detail["node"] == "1" and "broken.png" in detail["message"], detail
+    page.wait_for("[...document.querySelectorAll('.p-toast-message')]"
+                  ".some((t) => t.textContent.includes('broken.png'))", timeout=30)
+    page.screenshot(os.path.join(ARTIFACTS, "browser_warning_toast.png"))
     assert not _pack_errors(page), _pack_errors(page)

@@ -17,15 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from devtools import harness
+
 STEPS = 4
 
 
 def run(comfyui, node_cls, node_id="7", **inputs):
-    from comfy_api.latest import io
-
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
-    with torch.inference_mode():
-        return clone.execute(**inputs)
+    return harness.run_node(node_cls, node_id, **inputs)
 
 
 def _nodes(comfyui):
@@ -37,13 +35,6 @@ def _images(n=2, size=64, seed=0):
     return torch.rand(n, size, size, 3, generator=g)
 
 
-@pytest.fixture()
-def toasts(comfyui, monkeypatch):
-    """Every ``inversion.warning`` the nodes send to the browser."""
-    comfy_run = comfyui.mod("nodes.comfy_run")
-    sent = []
-    monkeypatch.setattr(comfy_run, "_send", lambda event, payload: sent.append((event, payload)))
-    return sent
 
 
 def _messages(sent):
@@ -74,7 +65,8 @@ def _cancel_at(comfyui, monkeypatch, step):
 
 
 def _paths(comfyui, name):
-    run_dir = Path(comfyui.base_dir) / "models" / "inversion_runs" / name
+    run_dir = comfyui.mod("nodes.run_files").runs_dir() / name  # models/inversion_runs of the booted ComfyUI
+    assert run_dir.parent.name == "inversion_runs" and run_dir.parent.parent.name == "models"
     return Path(comfyui.embeddings_dir) / f"{name}.safetensors", run_dir
 
 

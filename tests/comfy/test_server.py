@@ -17,17 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import modload  # tests/, on sys.path by tests/conftest.py
+from devtools import server_process as sp
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_TIMEOUT = 900
-
-
-def _load(name, fn):
-    return modload.load(name, os.path.join(HERE, fn))
-
-
-sp = _load("inversion_server_process", "server_process.py")
 
 
 @pytest.fixture(scope="module")

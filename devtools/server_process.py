@@ -1,8 +1,8 @@
 """A real ComfyUI server in a subprocess, with this repository installed in its ``custom_nodes``.
 
-Used by ``tests/test_workflows.py`` (the real ``/object_info``) and ``tests/comfy/test_browser.py``
-(the page, the workflows, a training run). Loaded by file path (``tests/modload.py``), like ``harness.py``,
-so that no ``tests``/``comfy`` package name can be shadowed.
+Used by ``tests/test_workflows.py`` (the real ``/object_info``), ``tests/comfy/test_server.py``,
+``tests/comfy/test_browser.py`` (the page, the workflows, a training run) and
+``tools/build_examples.py``, as ``from devtools import server_process``.
 
 Everything the server writes goes to a temporary ``--base-directory`` (models, inputs, outputs,
 user settings) and an in-memory database; the ComfyUI checkout at ``COMFYUI_PATH`` is only read.
@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_FOLDER = "comfyui-inversion"  # the folder name the Comfy Registry / Manager install uses
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 
@@ -147,7 +147,7 @@ def object_info(base_dir: str, timeout: float = 180.0) -> dict[str, Any]:
         return server.get("/object_info", timeout=timeout)
 
 
-if __name__ == "__main__":  # python tests/comfy/server_process.py OUT.json: dump /object_info
+if __name__ == "__main__":  # python -m devtools.server_process OUT.json: dump /object_info
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,8 @@
 """Run the pack against a real ComfyUI checkout (``COMFYUI_PATH``), with random-weight models.
 
-Used by ``tests/comfy/conftest.py`` and ``benchmarks/comfy_step_cost.py``; loaded by file path
-(``load_harness``) so that neither ComfyUI's own ``tests`` package nor its ``nodes`` module can
-shadow this repository's ``tests``/``nodes`` folders, whatever the order of ``sys.path``.
+Used by ``tests/comfy/conftest.py``, ``tests/comfy/test_ovi_comfy.py``, ``tests/comfy/test_browser.py``
+and ``benchmarks/comfy_step_cost.py`` as ``from devtools import harness``: a package name that neither
+ComfyUI's own ``tests`` package nor its ``nodes`` module can shadow, whatever the order of ``sys.path``.
 
 - ``boot(base_dir)`` imports ComfyUI as its ``main.py`` would (CPU, ``--base-directory``), so
   models, inputs, outputs and embeddings live in a temporary folder, never in the checkout.
@@ -25,7 +25,7 @@ import types
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_MODULE = "comfyui_inversion"
 CACHE_VERSION = "v1"  # bump when the generated checkpoint changes, so caches are rebuilt
 SD15_NAME = f"sd15-random-{CACHE_VERSION}.safetensors"
@@ -73,9 +73,12 @@ def boot(base_dir: str) -> types.SimpleNamespace:
     folder_paths.set_input_directory(os.path.join(base_dir, "input"))
     folder_paths.set_temp_directory(os.path.join(base_dir, "temp"))
     folder_paths.set_user_directory(os.path.join(base_dir, "user"))
-    for name in ("checkpoints", "embeddings"):
-        exts = folder_paths.folder_names_and_paths[name][1]
-        folder_paths.folder_names_and_paths[name] = ([os.path.join(base_dir, "models", name)], exts)
+    folder_paths.models_dir = os.path.join(base_dir, "models")
+    # ComfyUI's folders, and the pack's own when an earlier boot imported it (nodes/folders.py)
+    for name in ("checkpoints", "embeddings", "captioners", "open_clip", "ovi_stats", "inversion_runs"):
+        if name in folder_paths.folder_names_and_paths:
+            exts = folder_paths.folder_names_and_paths[name][1]
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(base_dir, "models", name)], exts)
     folder_paths.filename_list_cache.clear()
 
     import comfy.sd
@@ -88,6 +91,8 @@ def boot(base_dir: str) -> types.SimpleNamespace:
 
 def import_pack(name: str = PACK_MODULE):
     """Import this repository as ComfyUI imports a custom-node folder (spec_from_file_location)."""
+    # Loading by path is the behaviour being simulated here (ComfyUI's nodes.load_custom_node does
+    # the same), so that the pack's relative imports run as they do inside ComfyUI.
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
@@ -103,6 +108,16 @@ def import_pack(name: str = PACK_MODULE):
 
 
 # ---------------------------------------------------------------- random weights
+
+def run_node(node_cls, node_id: str = "7", **inputs):
+    """``node_cls.execute`` as ComfyUI's executor calls it: a class clone with its hidden inputs, inside
+    the inference mode every prompt runs in."""
+    from comfy_api.latest import io
+
+    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
+    with torch.inference_mode():
+        return clone.execute(**inputs)
+
 
 def _torch_reset(m: nn.Module) -> bool:
     """Run the reset_parameters of the first torch.nn class in ``m``'s MRO (ComfyUI's ops

@@ -3,7 +3,7 @@
 Small and synchronous on purpose: ``Browser.start()`` launches chromium with a fresh profile,
 ``browser.page()`` attaches to its tab, and ``Page`` offers ``goto``, ``evaluate`` (awaits
 promises, returns JSON values), ``screenshot`` and the console/exception messages seen so far.
-Loaded by file path (see ``tests/modload.py``).
+Used by ``tests/comfy/test_browser.py`` and ``tools/build_examples.py`` (``from devtools.cdp import Browser``).
 """
 
 from __future__ import annotations
