@@ -6,6 +6,13 @@ prompts tokenised once per distinct prompt for the whole run. ``draw`` makes one
 random choices (images, prompts, timesteps, noise) in a fixed order from a generator, and
 ``step_generator`` derives that generator from (seed, step) alone, so a resumed run makes exactly
 the draws the uninterrupted run would have made.
+
+Aspect buckets: latents of different sizes live in one table per size ("bucket"); a micro-batch
+draws its first row from all rows (as with one bucket) and the rest from that row's bucket, since
+a batch must share one shape. Captions: per row, None meaning a template; ``CaptionOptions``
+shuffles their parts and drops them out with the step's generator. Both draw extra random numbers
+only where they apply (several buckets; captions with shuffle / dropout), so a square run without
+captions makes exactly the draws it always made.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from .host import Conditioning, TextSide
-from .prompts import build_prompt_batch
+from .prompts import CaptionOptions, build_prompt_batch, shuffle_caption
 
 __all__ = ["ConceptSet", "Draw", "step_generator", "autocast"]
 
@@ -52,13 +59,14 @@ class ConceptSet:
     """Several concepts' data in one table; concept i owns rows ``rows[i]`` of the learned vectors."""
 
     def __init__(self, text: TextSide, concepts: Sequence, templates: Sequence[str],
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, captions: CaptionOptions = CaptionOptions()):
         if not concepts:
             raise ValueError("no concepts to train: give at least one ConceptData (prepare_concept)")
         self.text = text
         self.concepts = list(concepts)
         self.templates = tuple(templates)
-        self.device = torch.device(device) if device is not None else self.concepts[0].latents.device
+        self.caption_options = captions.validate()
+        self.device = torch.device(device) if device is not None else self.concepts[0].tables()[0].device
         self._check()
         self.rows: list[range] = []
         self.placeholders: dict[str, tuple[int, int]] = {}
@@ -68,16 +76,51 @@ class ConceptSet:
             self.rows.append(range(offset, offset + k))
             self.placeholders[c.embedding.placeholder] = (offset, k)
             offset += k
-        self.latents = torch.cat([c.latents for c in self.concepts]).to(self.device)
-        self.owner = torch.cat([torch.full((len(c.latents),), i, dtype=torch.long)
-                                for i, c in enumerate(self.concepts)])
+        # Rows: concept by concept, each concept's buckets in its order. Each bucket (latent shape)
+        # has one table; row r is row ``pos[r]`` of table ``bucket[r]``.
+        shapes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        bucket, pos, owner = [], [], []
+        any_mask = any(c.masks is not None for c in self.concepts)
+        for i, c in enumerate(self.concepts):
+            masks = c.mask_tables() or (None,) * len(c.tables())
+            for lat, m in zip(c.tables(), masks):
+                parts = shapes.setdefault(tuple(lat.shape[1:]), [])
+                start = sum(len(x) for x, _ in parts)
+                bucket.append(torch.full((len(lat),), list(shapes).index(tuple(lat.shape[1:])), dtype=torch.long))
+                pos.append(torch.arange(start, start + len(lat)))
+                owner.append(torch.full((len(lat),), i, dtype=torch.long))
+                parts.append((lat, m if m is not None or not any_mask else torch.ones_like(lat[:, :1])))
+        self.tables = [torch.cat([x for x, _ in parts]).to(self.device) for parts in shapes.values()]
+        self.mask_tables = None if not any_mask else [torch.cat([m for _, m in parts]).to(self.device)
+                                                      for parts in shapes.values()]
+        self.bucket, self.pos, self.owner = torch.cat(bucket), torch.cat(pos), torch.cat(owner)
+        self.bucket_rows = [(self.bucket == b).nonzero().flatten() for b in range(len(self.tables))]
         self.captions = [cap for c in self.concepts
-                         for cap in (c.captions if c.captions is not None else [None] * len(c.latents))]
-        self.masks = None
-        if any(c.masks is not None for c in self.concepts):
-            self.masks = torch.cat([c.masks if c.masks is not None else torch.ones_like(c.latents[:, :1])
-                                    for c in self.concepts]).to(self.device)
+                         for cap in (c.captions if c.captions is not None else [None] * len(c))]
+        self.has_captions = any(cap is not None for cap in self.captions)
         self._tok_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.has_captions:  # a caption too long for an encoder is an error now, not at some later step
+            for enc in self.text.encoders:
+                self._tokens(enc, list(dict.fromkeys(c for c in self.captions if c is not None)))
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The latent table [N, C, h, w] when every row shares one shape (one bucket)."""
+        if len(self.tables) > 1:
+            raise ValueError(f"the concepts' latents are in {len(self.tables)} aspect buckets, not one table; "
+                             "draw rows with sample_rows, which keeps each micro-batch in one bucket")
+        return self.tables[0]
+
+    @property
+    def masks(self) -> torch.Tensor | None:
+        """The mask table [N, 1, h, w] (one bucket), or None when no concept has masks."""
+        if self.mask_tables is None:
+            return None
+        self.latents  # noqa: B018 - the same error as latents when there are several buckets
+        return self.mask_tables[0]
+
+    def __len__(self) -> int:
+        return len(self.owner)
 
     def initial_vectors(self) -> dict[str, torch.Tensor]:
         """{encoder key: [K_total, d]}: every concept's initial vectors, in row order (float32, detached)."""
@@ -101,7 +144,7 @@ class ConceptSet:
             if emb.placeholder in seen:
                 raise ValueError(f"two concepts share the placeholder {emb.placeholder!r}; give each its own")
             seen.add(emb.placeholder)
-            if len(c.latents) == 0:
+            if len(c) == 0:
                 raise ValueError(f"concept {emb.name!r} has no images; load at least one")
         total_k = sum(c.embedding.num_vectors for c in self.concepts)
         for e in self.text.encoders:
@@ -111,30 +154,57 @@ class ConceptSet:
                                  "tokens; use fewer vectors or shorter templates")
 
     # ---- drawing -----------------------------------------------------------------------------
+    def sample_rows(self, gen: torch.Generator, n: int, batch_size: int | None = None) -> torch.Tensor:
+        """``n`` rows drawn uniformly; with several buckets, each run of ``batch_size`` (default: all
+        ``n``) keeps its first row and takes the others from that row's bucket."""
+        idx = torch.randint(0, len(self), (n,), generator=gen)
+        if len(self.tables) == 1 or n < 2:
+            return idx  # one bucket: exactly the draw of a square run
+        batch_size = batch_size or n
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            rows = self.bucket_rows[int(self.bucket[idx[s]])]
+            idx[s + 1:e] = rows[torch.randint(0, len(rows), (e - s - 1,), generator=gen)]
+        return idx
+
     def prompts(self, idx: torch.Tensor, gen: torch.Generator) -> list[str]:
-        """Each row's caption, or a template drawn from ``gen`` filled with its concept's placeholder."""
+        """Each row's caption, or a template drawn from ``gen`` filled with its concept's placeholder.
+
+        With captions: a caption is replaced by its template with chance ``dropout``, and (``shuffle``)
+        its parts after the first ``keep`` are put in an order drawn from ``gen``, as kohya does."""
         tpl = torch.randint(0, len(self.templates), (len(idx),), generator=gen).tolist()
+        opts = self.caption_options
+        drop = [False] * len(idx)
+        if self.has_captions and opts.dropout > 0:
+            drop = (torch.rand(len(idx), generator=gen) < opts.dropout).tolist()
         out = []
-        for i, j in zip(idx.tolist(), tpl):
+        for i, j, dropped in zip(idx.tolist(), tpl, drop):
             cap = self.captions[i]
-            if cap is None:
+            if cap is None or dropped:
                 cap = self.templates[j].format(self.concepts[int(self.owner[i])].embedding.placeholder)
+            elif opts.shuffle:
+                cap = shuffle_caption(cap, opts.keep, gen)
             out.append(cap)
         return out
 
     def draw(self, gen: torch.Generator, batch_size: int, timesteps: TimestepDraw) -> Draw:
-        """Images, prompts, timesteps (``timesteps(n, gen)``) and noise, drawn in that order."""
-        idx = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
+        """Images (one bucket), prompts, timesteps (``timesteps(n, gen)``) and noise, drawn in that order."""
+        idx = self.sample_rows(gen, batch_size)
         prompts = self.prompts(idx, gen)
         t = timesteps(batch_size, gen)
         return self.draw_at(gen, idx, prompts, t)
 
     def draw_at(self, gen: torch.Generator, idx: torch.Tensor, prompts: list[str], t: torch.Tensor) -> Draw:
         """A draw whose images, prompts and timesteps are given; only the noise comes from ``gen``."""
-        on = idx.to(self.device)
-        x0 = self.latents[on]
+        b = self.bucket[idx].unique()
+        if len(b) != 1:
+            raise ValueError(f"rows {idx.tolist()} are in {len(b)} aspect buckets; one micro-batch must share one "
+                             "shape: draw them with sample_rows(gen, n, batch_size)")
+        b = int(b)
+        on = self.pos[idx].to(self.device)
+        x0 = self.tables[b][on]
         noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
-        return Draw(idx, prompts, t, x0, noise, None if self.masks is None else self.masks[on])
+        return Draw(idx, prompts, t, x0, noise, None if self.mask_tables is None else self.mask_tables[b][on])
 
     # ---- encoding ----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor]) -> Conditioning:

@@ -124,7 +124,7 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     u = torch.rand(len(b), generator=gen, dtype=torch.float64)
     t_all = (edges[b] + (u * (edges[b + 1] - edges[b]).double()).floor().long()).clamp(max=hi - 1)
     t_all = t_all[torch.randperm(len(t_all), generator=gen)]  # mix bins within a batch
-    idx_all = torch.randint(0, len(data.latents), (len(t_all),), generator=gen)
+    idx_all = data.sample_rows(gen, len(t_all), batch_size)  # a batch never mixes aspect buckets
     prompts_all = data.prompts(idx_all, gen)
     vectors = data.initial_vectors()
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

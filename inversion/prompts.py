@@ -14,9 +14,14 @@ from .host import TextEncoder
 __all__ = [
     "OBJECT_TEMPLATES",
     "STYLE_TEMPLATES",
+    "CaptionOptions",
     "PromptBatch",
     "build_prompt_batch",
     "check_templates",
+    "CAPTION_MARKERS",
+    "caption_for",
+    "has_marker",
+    "shuffle_caption",
 ]
 
 # The template sets of the original textual inversion (Gal et al. 2022), as used by diffusers'
@@ -114,6 +119,22 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
+@dataclass(frozen=True)
+class CaptionOptions:
+    """How per-image captions are used (kohya's options; ignored where images have no caption)."""
+
+    shuffle: bool = False  # shuffle the comma-separated parts of a caption each time it is drawn
+    keep: int = 1  # leading comma-separated parts that stay in place when shuffling (kohya's keep_tokens)
+    dropout: float = 0.0  # chance that a draw uses a template instead of the image's caption
+
+    def validate(self) -> "CaptionOptions":
+        if self.keep < 0:
+            raise ValueError(f"caption keep must be >= 0, got {self.keep}")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"caption dropout must be in [0, 1], got {self.dropout}")
+        return self
+
+
 @dataclass
 class PromptBatch:
     """Token ids and slot indices of a batch of prompts for one encoder."""
@@ -174,3 +195,33 @@ def build_prompt_batch(
         torch.tensor(all_ids, dtype=torch.long, device=device),
         torch.tensor(all_slots, dtype=torch.long, device=device),
     )
+
+
+# Where a caption puts the concept: A1111's "[name]" (the embedding's name in its filewords
+# templates) or the templates' own "{}". A caption without either gets the concept first.
+CAPTION_MARKERS: tuple[str, ...] = ("[name]", "{}")
+
+
+def has_marker(caption: str) -> bool:
+    """Whether ``caption`` marks the concept's place with ``[name]`` or ``{}``."""
+    return any(m in caption for m in CAPTION_MARKERS)
+
+
+def caption_for(caption: str, placeholder: str) -> str:
+    """``caption`` with every marker replaced by ``placeholder``; unmarked, ``"<placeholder>, caption"``
+    (kohya's trigger word first, which ``CaptionOptions.keep`` = 1 then holds in place)."""
+    if not has_marker(caption):
+        return f"{placeholder}, {caption}" if caption.strip() else placeholder
+    for m in CAPTION_MARKERS:
+        caption = caption.replace(m, placeholder)
+    return caption
+
+
+def shuffle_caption(caption: str, keep: int, gen: torch.Generator) -> str:
+    """kohya's shuffle_caption: the comma-separated parts after the first ``keep`` in an order drawn from ``gen``."""
+    parts = [p.strip() for p in caption.split(",")]
+    head, tail = parts[:keep], parts[keep:]
+    if len(tail) < 2:
+        return caption
+    order = torch.randperm(len(tail), generator=gen).tolist()
+    return ", ".join(head + [tail[i] for i in order])

@@ -24,13 +24,14 @@ from .host import Conditioning, Denoiser, LatentEncoder, TextSide
 from .loss import conditioning_grad_norms, per_sample_mse, predict_eps
 from .optim import AdamW, VectorOptimizer
 from .progress import Progress
-from .prompts import OBJECT_TEMPLATES, check_templates
+from .prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
 from .regularizers import RegContext, Regularizer
 from .timesteps import TimestepSampler, Uniform
 
 __all__ = [
     "TrainConfig",
     "ConceptData",
+    "DynamicLossScale",
     "prepare_concept",
     "StepInfo",
     "TrainHistory",
@@ -57,6 +58,10 @@ class TrainConfig:
     seed: int = 0  # every random draw of step s derives from (seed, s): runs resume exactly
     checkpoint_every: int = 0  # 0 = never; else the checkpoint callback runs every N steps
     autocast_dtype: str | None = None  # "bf16" / "fp16" on GPU; None = the models' own dtype
+    # "dynamic": the loss is scaled before backward and unscaled after; a step whose gradient
+    # overflows is skipped and the scale halved, and it doubles after a run of good steps (fp16)
+    loss_scale: str = "none"
+    captions: CaptionOptions = CaptionOptions()  # per-image captions: shuffle and dropout
     max_grad_norm: float = 0.0  # 0 = off; else clip the vectors' gradient norm
     # Divergence guard, in multiples of the largest token-table norm of each encoder (0 = off). Real
     # words lie at 0.3-0.6 (SD1.5 clip_l); AdamW's norm inflation (DTI's motivation) reaches 2-3x
@@ -82,6 +87,9 @@ class TrainConfig:
                                                         and self.norm_stop < self.norm_warn):
             raise ValueError(f"norm_warn ({self.norm_warn}) and norm_stop ({self.norm_stop}) must be >= 0 "
                              "(0 = off), with norm_stop >= norm_warn")
+        if self.loss_scale not in ("none", "dynamic"):
+            raise ValueError(f"loss_scale must be 'none' or 'dynamic', got {self.loss_scale!r}")
+        self.captions.validate()
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {self.autocast_dtype!r}")
         check_templates(self.templates)
@@ -106,22 +114,57 @@ def lr_at(config: TrainConfig, step: int, default: float = AdamW.default_lr) -> 
 
 @dataclass
 class ConceptData:
-    """One concept's training data: its initial embedding and its latents, encoded once."""
+    """One concept's training data: its initial embedding and its latents, encoded once.
+
+    Images of one size give one latent table; images in several aspect buckets give one table per
+    bucket (a micro-batch draws from one table). Rows run bucket by bucket, and within a bucket its
+    images, then (if flip) their mirror images; ``captions`` and ``masks`` follow the same rows."""
 
     embedding: LearnedEmbedding
-    latents: torch.Tensor  # [M, C, h, w]: each image, then (if flip) each flipped image
-    captions: list[str] | None = None  # per latent; contain the placeholder; None = templates
-    masks: torch.Tensor | None = None  # [M, 1, h, w] loss weights at latent resolution
+    latents: torch.Tensor | tuple[torch.Tensor, ...]  # [M, C, h, w], or one such table per bucket
+    captions: list[str | None] | None = None  # per row; each contains the placeholder; None = templates
+    masks: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [M, 1, h, w] loss weights (per bucket)
+
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """The latent tables, one per bucket."""
+        return (self.latents,) if isinstance(self.latents, torch.Tensor) else tuple(self.latents)
+
+    def mask_tables(self) -> tuple[torch.Tensor, ...] | None:
+        """The mask tables, one per bucket, or None."""
+        if self.masks is None:
+            return None
+        return (self.masks,) if isinstance(self.masks, torch.Tensor) else tuple(self.masks)
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables())
 
 
-def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embedding: LearnedEmbedding, *,
-                    captions: Sequence[str] | None = None, masks: torch.Tensor | None = None,
+def _check_captions(captions, n: int, placeholder: str) -> list[str | None] | None:
+    if captions is None:
+        return None
+    captions = list(captions)
+    if len(captions) != n:
+        raise ValueError(f"got {len(captions)} captions for {n} images; give one per image (None = templates) or none")
+    bad = [c for c in captions if c is not None and placeholder not in c]
+    if bad:
+        raise ValueError(f"every caption must contain the placeholder {placeholder!r}; missing in {bad[:2]} "
+                         "(prompts.caption_for puts it in place of [name] or {}, or first)")
+    return None if all(c is None for c in captions) else captions
+
+
+def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor | Sequence[torch.Tensor],
+                    embedding: LearnedEmbedding, *, captions: Sequence[str | None] | None = None,
+                    masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                     flip: bool = True, batch_size: int = 4) -> ConceptData:
     """Encode ``images`` [N, 3, H, W] in [0, 1] (and their mirror images) once.
 
-    ``captions``: one per image, each containing the embedding's placeholder (used instead of
-    templates). ``masks`` [N, 1, H, W] or [N, H, W] in [0, 1]: where the loss counts.
+    ``images`` may also be a list of [3, H_i, W_i] (aspect buckets, ``dataset.fit(..., "bucket")``):
+    each size is encoded as its own table. ``captions``: one per image, each containing the
+    embedding's placeholder, or None for an image that trains with the templates. ``masks``
+    [N, 1, H, W] or [N, H, W] in [0, 1] (a list of [H_i, W_i] for a list of images): where the loss counts.
     """
+    if isinstance(images, (list, tuple)):
+        return _prepare_buckets(latent_encoder, list(images), embedding, captions, masks, flip, batch_size)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"no usable concept images: expected a tensor [N, 3, H, W] with N >= 1, got {shape}; "
@@ -129,14 +172,7 @@ def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embeddi
     if images.shape[1] != 3:
         raise ValueError(f"concept images need 3 channels (RGB) in dim 1, got {images.shape[1]}")
     n = images.shape[0]
-    if captions is not None:
-        captions = list(captions)
-        if len(captions) != n:
-            raise ValueError(f"got {len(captions)} captions for {n} images; give one per image or none")
-        bad = [c for c in captions if embedding.placeholder not in c]
-        if bad:
-            raise ValueError(f"every caption must contain the placeholder {embedding.placeholder!r}; "
-                             f"missing in {bad[:2]}")
+    captions = _check_captions(captions, n, embedding.placeholder)
     batch = torch.cat([images, images.flip(-1)]) if flip else images
     with torch.no_grad():
         lat = torch.cat([latent_encoder.encode(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)])
@@ -164,6 +200,45 @@ def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor, embeddi
     return ConceptData(embedding, lat, caps, mask_lat)
 
 
+def _prepare_buckets(latent_encoder, images: list, embedding, captions, masks, flip, batch_size) -> ConceptData:
+    """``prepare_concept`` for a list of images: one latent table per size, in order of first appearance."""
+    if not images or any(not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3 for x in images):
+        raise ValueError("no usable concept images: expected a non-empty list of [3, H, W] tensors (RGB); "
+                         "load at least one image of the concept")
+    n = len(images)
+    captions = _check_captions(captions, n, embedding.placeholder)
+    if masks is not None:
+        masks = list(masks)
+        if len(masks) != n:
+            raise ValueError(f"masks: got {len(masks)} masks for {n} images; give one per image (None = no mask)")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(images):
+        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+    parts = []
+    for hw, ids in groups.items():
+        m = None
+        if masks is not None and any(masks[i] is not None for i in ids):
+            m = torch.stack([torch.ones(hw) if masks[i] is None else masks[i].float().reshape(hw) for i in ids])
+        caps = None if captions is None else [captions[i] for i in ids]
+        try:
+            parts.append(prepare_concept(latent_encoder, torch.stack([images[i] for i in ids]), embedding,
+                                         captions=caps, masks=m, flip=flip, batch_size=batch_size))
+        except ValueError as e:  # name the image by its place in the whole list, not in its bucket
+            if "image " in str(e) and "masks" in str(e):
+                raise ValueError(f"{e} (counting within the {hw[1]}x{hw[0]} bucket: images "
+                                 f"{', '.join(str(i + 1) for i in ids)} of {n})") from None
+            raise
+    if len(parts) == 1:
+        return parts[0]
+    caps = None
+    if captions is not None:
+        caps = [c for p in parts for c in (p.captions if p.captions is not None else [None] * len(p))]
+    masks_out = None
+    if any(p.masks is not None for p in parts):
+        masks_out = tuple(p.masks if p.masks is not None else torch.ones_like(p.latents[:, :1]) for p in parts)
+    return ConceptData(embedding, tuple(p.latents for p in parts), caps, masks_out)
+
+
 @dataclass
 class StepInfo(Progress):
     """Plain per-step data handed to the callback (progress, previews, charts, cancellation).
@@ -183,6 +258,10 @@ class StepInfo(Progress):
     bin_edges: list[int] | None = None  # and its bin edges (timesteps)
     target_norms: dict[str, float] | None = None  # DTI's fixed norm m* per encoder, if any
     warnings: list[str] = field(default_factory=list)  # new this step, for the user (once per run each)
+    # Dynamic loss scaling (fp16): a skipped step changed nothing (its gradient or loss overflowed; its
+    # grad_norms are 0 and its loss the last finite one, never NaN); the scale the next step uses.
+    skipped: bool = False
+    loss_scale: float | None = None  # None without loss scaling
 
 
 @dataclass
@@ -252,6 +331,59 @@ def _max_row_norm(table: torch.Tensor, chunk: int = 8192) -> float:
     return max(float(t[i:i + chunk].float().norm(dim=-1).max()) for i in range(0, t.shape[0], chunk))
 
 
+class DynamicLossScale:
+    """Dynamic loss scaling for fp16, the rule of ``torch.amp.GradScaler``, on the learned vectors' step.
+
+    The diffusion loss is multiplied by ``scale`` before backward, so every gradient inside the fp16
+    UNet's backward is ``scale`` times larger (small ones no longer underflow to zero), and the
+    vectors' gradients are divided by it afterwards. A step whose loss or gradient is not finite (an
+    fp16 overflow) is skipped and the scale halved; after ``growth_interval`` good steps in a row the
+    scale doubles, probing for the largest one that does not overflow. ``max_skips`` skipped steps in
+    a row stop the run: then fp16 itself is too narrow for the model, not the scale.
+
+    Start 2**16 and interval 2000 are GradScaler's defaults, which diffusers' textual inversion uses
+    (through accelerate) for ``--mixed_precision fp16``: a run of 500-5000 steps grows the scale at
+    most twice, and each probe costs at most one skipped step in 2000.
+    """
+
+    PREFIX = "loss_scale."  # its keys in ``TrainState.optimizer`` (a checkpoint's ``opt.*`` entries)
+    # Measured headroom (random full SD1.5, fp16 UNet, 64 px, t = 50/400/900): overflow at 2**24, none at
+    # 2**20; a larger image has smaller per-element gradients (the loss is a mean), so more headroom.
+    INIT_SCALE = 2.0 ** 16
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, scale: float | None = None, growth_interval: int | None = None, max_skips: int = 20):
+        self.scale = float(self.INIT_SCALE if scale is None else scale)
+        self.growth_interval = int(self.GROWTH_INTERVAL if growth_interval is None else growth_interval)
+        self.max_skips = int(max_skips)
+        self.good = 0  # good steps in a row since the scale last changed
+        self.skips = 0  # skipped steps in a row
+
+    def update(self, finite: bool) -> None:
+        """After a step: halve on an overflow, double after ``growth_interval`` good steps in a row."""
+        if not finite:
+            self.scale *= 0.5
+            self.good = 0
+            self.skips += 1
+            return
+        self.skips = 0
+        self.good += 1
+        if self.good >= self.growth_interval:
+            self.scale *= 2.0
+            self.good = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {self.PREFIX + "scale": torch.tensor(self.scale, dtype=torch.float64),
+                self.PREFIX + "good": torch.tensor(self.good), self.PREFIX + "skips": torch.tensor(self.skips)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self.scale = float(state[self.PREFIX + "scale"])
+        self.good = int(state[self.PREFIX + "good"])
+        self.skips = int(state[self.PREFIX + "skips"])
+
+
 class Trainer:
     """Learns the vectors of one or several concepts against a frozen text-to-image model.
 
@@ -267,7 +399,7 @@ class Trainer:
         self.config = config.validate()
         self.text = text
         self.denoiser = denoiser
-        self.data = ConceptSet(text, concepts, self.config.templates, device)
+        self.data = ConceptSet(text, concepts, self.config.templates, device, self.config.captions)
         self.concepts = self.data.concepts
         self.rows = self.data.rows
         self.device = self.data.device
@@ -287,6 +419,7 @@ class Trainer:
         self.params = {k: v.requires_grad_(True) for k, v in self.data.initial_vectors().items()}
         self.history = TrainHistory()
         self.step = 0
+        self.scaler = DynamicLossScale() if self.config.loss_scale == "dynamic" else None
         if resume is not None:
             self._load_state(resume)
         else:
@@ -314,6 +447,8 @@ class Trainer:
         # After a roll-back to earlier vectors the optimiser's moments belong to later steps: a resumed
         # run restarts the optimiser rather than continue with them.
         opt = {} if self._optimizer_stale else self.optimizer.state_dict()
+        if self.scaler is not None:  # beside the optimiser's own keys: a checkpoint's layout is unchanged
+            opt = {**opt, **self.scaler.state_dict()}
         return TrainState(self.step, {k: v.detach().cpu().clone() for k, v in self._good.items()},
                           opt, self.sampler.state_dict(),
                           TrainHistory.from_dict(self.history.to_dict()))
@@ -330,9 +465,13 @@ class Trainer:
             raise ValueError(f"the checkpoint is already at step {s.step} of {self.config.steps}; "
                              "raise steps to continue training")
         self.step = s.step
-        if not s.optimizer:  # resumed from an embedding alone: the optimiser starts fresh
+        opt = dict(s.optimizer)
+        scaler = {k: opt.pop(k) for k in list(opt) if k.startswith(DynamicLossScale.PREFIX)}
+        if self.scaler is not None:
+            self.scaler.load_state_dict(scaler)
+        if not opt:  # resumed from an embedding alone: the optimiser starts fresh
             self.optimizer.prepare(self.params)
-        self.optimizer.load_state_dict(s.optimizer)
+        self.optimizer.load_state_dict(opt)
         self.sampler.load_state_dict(s.sampler)
         self.history = s.history
 
@@ -341,7 +480,7 @@ class Trainer:
         """Encode each distinct prompt once with the current vectors; rows follow ``prompts``."""
         return self.data.encode(prompts, self.params)
 
-    def _micro_step(self, gen: torch.Generator, scale: float):
+    def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
         B = self.config.batch_size
         d = self.data.draw(gen, B, self.sampler.sample)
         with autocast(self.device, self.config.autocast_dtype):
@@ -353,8 +492,8 @@ class Trainer:
         loss = per.mean()
         if not torch.isfinite(loss):
             return None, d.t, d.prompts
-        (loss * scale).backward(retain_graph=False)
-        g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / scale)
+        (loss * scale if loss_scale == 1.0 else loss * (scale * loss_scale)).backward(retain_graph=False)
+        g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / (scale * loss_scale))
         return (loss.detach(), g.cpu()), d.t, d.prompts
 
     def _reg_loss(self) -> torch.Tensor | None:
@@ -369,21 +508,33 @@ class Trainer:
                                            self.config.max_grad_norm)
 
     def train_step(self) -> StepInfo:
-        """One optimiser step (``grad_accum`` micro-batches). Raises ``TrainingDiverged`` on NaN/inf."""
+        """One optimiser step (``grad_accum`` micro-batches). Raises ``TrainingDiverged`` on NaN/inf.
+
+        With dynamic loss scaling a NaN/inf loss or gradient skips the step instead (``StepInfo.skipped``)."""
         cfg = self.config
         for p in self.params.values():
             p.grad = None
         losses, gs, ts = [], [], []
         scale = 1.0 / cfg.grad_accum
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         for micro in range(cfg.grad_accum):
             gen = step_generator(cfg.seed, self.step, micro)
-            res, t, prompts = self._micro_step(gen, scale)
+            res, t, prompts = self._micro_step(gen, scale, loss_scale)
             if res is None:
+                if self.scaler is not None:
+                    return self._skip_step("loss", losses, ts + [t])
                 raise self._diverged(f"the loss became NaN/inf at step {self.step + 1} (timesteps {t.tolist()}, "
                                      f"prompts {prompts[:2]})")
             losses.append(float(res[0]))
             gs.append(res[1])
             ts.append(t)
+        if self.scaler is not None:
+            if not all(bool(torch.isfinite(g).all()) for g in gs) or any(
+                    p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params.values()):
+                return self._skip_step("gradient", losses, ts)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.div_(loss_scale)
         reg = self._reg_loss()
         reg_val = 0.0
         if reg is not None:
@@ -404,12 +555,56 @@ class Trainer:
         for k, v in self.params.items():
             self._good[k].copy_(v.detach())
         warnings = self._guard_norms()
+        if self.scaler is not None:
+            self.scaler.update(True)
         return StepInfo(
             step=self.step, total=cfg.steps, loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr,
             timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
             vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
             elapsed=0.0, sampler=self.sampler.describe(), warnings=warnings,
+            loss_scale=None if self.scaler is None else self.scaler.scale,
             **self.sampler.report(), **self.optimizer.report(),
+        )
+
+    def _skip_step(self, what: str, losses: list[float], ts: list[torch.Tensor]) -> StepInfo:
+        """Dynamic loss scaling: the ``what`` ("loss" / "gradient") overflowed, so the step changes
+        nothing (no optimiser step, no sampler observation), counts as done, and the scale halves."""
+        cfg = self.config
+        for p in self.params.values():
+            p.grad = None
+        used = self.scaler.scale
+        self.scaler.update(False)
+        precision = cfg.autocast_dtype or "reduced precision"
+        if self.scaler.skips >= self.scaler.max_skips:
+            with torch.no_grad():
+                for k, v in self.params.items():
+                    v.copy_(self._good[k])
+            raise TrainingDiverged(
+                f"the {what} overflowed ({precision}: NaN/inf) in {self.scaler.skips} steps in a row, up to step "
+                f"{self.step + 1}, although dynamic loss scaling lowered the scale to {self.scaler.scale:g}: this "
+                f"model's values exceed fp16's range here. Training stopped; the last good vectors (step {self.step}) "
+                "are kept. Train in bf16 (where the GPU has it) or fp32 (precision in Training Options), or lower "
+                f"the learning rate (now {self.lr:g}).", self.embeddings())
+        lr = lr_at(cfg, self.step, self.lr)
+        self.step += 1
+        warnings = []
+        if "loss_scale" not in self._warned:
+            self._warned.add("loss_scale")
+            warnings.append(
+                f"step {self.step} was skipped: its {what} overflowed in {precision} at loss scale {used:g}, so the "
+                f"vectors were left unchanged and the scale lowered to {self.scaler.scale:g}. A few such steps at "
+                "the start of an fp16 run are normal (the scale finds its level); many mean fp16 is too narrow "
+                "for this model: train in bf16 or fp32.")
+        warnings += self._guard_norms()
+        t_all = torch.cat(ts)
+        finite = [x for x in losses if math.isfinite(x)]
+        loss = sum(finite) / len(finite) if finite else (self.history.loss[-1] if self.history.loss else 0.0)
+        return StepInfo(
+            step=self.step, total=cfg.steps, loss=loss, reg_loss=0.0, lr=lr,
+            timesteps=t_all.tolist(), grad_norms=[0.0] * len(t_all), grad_norm=0.0,
+            vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
+            elapsed=0.0, sampler=self.sampler.describe(), warnings=warnings, skipped=True,
+            loss_scale=self.scaler.scale, **self.sampler.report(), **self.optimizer.report(),
         )
 
     def norm_ratio(self) -> tuple[float, str]:

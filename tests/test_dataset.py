@@ -25,7 +25,7 @@ def _save_rgb(path, h, w, left=(255, 0, 0), right=(0, 0, 255), orientation=None)
         im.save(path, exif=exif.tobytes(), quality=95)
 
 
-@pytest.mark.parametrize("mode", dataset.FIT_MODES)
+@pytest.mark.parametrize("mode", dataset.SQUARE_MODES)
 def test_fit_gives_the_size_and_keeps_content(mode):
     img = torch.zeros(3, 30, 60)
     img[0, :, :30] = 1.0  # left half red
@@ -176,3 +176,66 @@ def test_every_image_skipped_error_says_why(tmp_path):
     with pytest.raises(ValueError, match=r"no readable images in folder .*every image was skipped: "
                                          r"broken.jpg: unreadable.*; clear.png: fully transparent"):
         dataset.load_concept_folder(tmp_path, 16, alpha_as_mask=False)
+
+
+# ---- captions and aspect buckets ------------------------------------------------------------
+
+
+def test_captions_are_read_per_image_with_markers_and_notes(tmp_path):
+    from inversion.prompts import caption_for
+
+    for name in ("a", "b", "c", "d"):
+        _save_rgb(tmp_path / f"{name}.png", 16, 16)
+    (tmp_path / "a.txt").write_text("a photo of [name] on a table,\nred\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\ufeffsitting, {} in snow", encoding="utf-8")  # a BOM is not part of it
+    (tmp_path / "c.txt").write_text("  blue background, close-up  ", encoding="utf-8")  # no marker
+    (tmp_path / "orphan.txt").write_text("no image", encoding="utf-8")
+    ci = dataset.load_concept_folder(tmp_path, 16)
+    assert ci.captions == ["a photo of [name] on a table, red", "sitting, {} in snow",
+                           "blue background, close-up", None]
+    assert ci.captions_for("<toy>") == ["a photo of <toy> on a table, red", "sitting, <toy> in snow",
+                                        "<toy>, blue background, close-up", None]
+    assert caption_for("[name] and [name]", "<x>") == "<x> and <x>"
+    assert len(ci.notes) == 2
+    assert "1 caption(s) have no [name] or {} marker" in ci.notes[0] and "c.txt" in ci.notes[0]
+    assert "orphan.txt" in ci.notes[1]
+    assert isinstance(ci.images, torch.Tensor) and len(ci) == 4  # square modes: still one batch
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").unlink()
+    assert dataset.load_concept_folder(tmp_path, 16).captions_for("<toy>") is None
+
+
+def test_bucket_table_at_512_and_its_pixel_counts():
+    assert dataset.buckets(512) == ((704, 384), (640, 384), (576, 448), (512, 512), (448, 576), (384, 640),
+                                    (384, 704))
+    for size in (64, 96, 128, 512, 768, 1024):
+        table = dataset.buckets(size)
+        assert (size, size) in table and len(table) >= 5
+        step = dataset.bucket_step(size)
+        for h, w in table:
+            assert abs(h * w / size**2 - 1) <= 0.1 and 0.5 <= w / h <= 2 and h % step == 0 and w % step == 0
+            assert h % 8 == 0 and w % 8 == 0
+
+
+@pytest.mark.parametrize("hw, bucket", [((512, 512), (512, 512)), ((300, 400), (448, 576)), ((400, 300), (576, 448)),
+                                        ((500, 1000), (384, 704)), ((100, 1000), (384, 704)), ((1000, 600), (640, 384))])
+def test_bucket_choice_follows_the_aspect_ratio(hw, bucket):
+    assert dataset.bucket_for(*hw, 512) == bucket
+    out, mask = dataset.fit(torch.rand(3, *hw), 512, "bucket", torch.ones(hw))
+    assert out.shape == (3, *bucket) and mask.shape == bucket
+
+
+def test_bucket_folder_gives_per_image_tensors_and_square_modes_stay_batches(tmp_path):
+    _save_rgb(tmp_path / "a.png", 64, 64)
+    _save_rgb(tmp_path / "b.png", 48, 96)  # wide: red left, blue right
+    _save_rgba(tmp_path / "c.png", 96, 48, (10, 80, 10, 40))
+    ci = dataset.load_concept_folder(tmp_path, 64, "bucket")
+    assert isinstance(ci.images, list) and ci.sizes() == [(64, 64), (48, 88), (88, 48)]
+    assert [tuple(m.shape) for m in ci.masks] == ci.sizes() and ci.masks[0].min() == 1
+    assert ci.images[1][0, 24, 2] > 0.9 and ci.images[1][2, 24, -3] > 0.9  # left stays left
+    with pytest.raises(ValueError, match="different sizes"):
+        ci.stacked()
+    square = dataset.load_concept_folder(tmp_path, 64, "crop")
+    assert square.images.shape == (3, 3, 64, 64) and square.stacked()[0] is square.images
+    images, masks = dataset.fit_batch(torch.rand(2, 3, 30, 60), 64, "bucket")
+    assert images.shape == (2, 3, 48, 88) and masks is None

@@ -369,3 +369,295 @@ def test_names_ending_in_state_are_refused():
     with pytest.raises(ValueError, match=r"ends in '\.state'.*choose a name without it"):
         validate_name("my-concept.State")
     assert validate_name("my.stately") == "my.stately"
+
+
+# ---- dynamic loss scaling (fp16) -------------------------------------------------------------
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward; an inf gradient backward: what an fp16 UNet's backward overflow looks like."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _overflow_on(denoiser, monkeypatch, calls, kind="grad"):
+    """Make the denoiser's ``calls``-th forward passes (1-based) overflow: in backward ("grad") or
+    already in the loss ("loss")."""
+    orig = denoiser.predict_eps
+    n = [0]
+
+    def predict_eps(*a):
+        n[0] += 1
+        out = orig(*a)
+        if n[0] not in calls:
+            return out
+        return _InfGrad.apply(out) if kind == "grad" else out * float("inf")
+
+    monkeypatch.setattr(denoiser, "predict_eps", predict_eps)
+
+
+def test_loss_scale_none_and_dynamic_train_the_same_vectors_in_fp32(tiny):
+    plain = _trainer(tiny, steps=4, seed=5)
+    infos = []
+    plain.run(infos.append)
+    assert plain.scaler is None and all(i.loss_scale is None and not i.skipped for i in infos)
+    assert not any(k.startswith("loss_scale.") for k in plain.state().optimizer)
+    scaled = _trainer(tiny, steps=4, seed=5, loss_scale="dynamic")
+    sinfos = []
+    scaled.run(sinfos.append)
+    assert [i.loss_scale for i in sinfos] == [2.0 ** 16] * 4 and not any(i.skipped for i in sinfos)
+    # A power-of-two scale is exact in fp32: the same gradients, the same vectors, the same g(t).
+    assert torch.equal(scaled.params["clip_l"], plain.params["clip_l"])
+    assert [g for i in sinfos for g in i.grad_norms] == pytest.approx([g for i in infos for g in i.grad_norms],
+                                                                      rel=1e-6)
+
+
+def test_dynamic_loss_scale_skips_an_overflow_halves_and_grows_back(tiny, monkeypatch):
+    tr = _trainer(tiny, steps=8, seed=1, loss_scale="dynamic")
+    tr.scaler.growth_interval = 3
+    _overflow_on(tiny.denoiser, monkeypatch, {2})  # step 2's backward overflows
+    before = {}
+    infos = []
+
+    def cb(info):
+        infos.append(info)
+        before[info.step] = tr.params["clip_l"].detach().clone()
+
+    tr.run(cb)
+    skipped = [i.step for i in infos if i.skipped]
+    assert skipped == [2]
+    assert torch.equal(before[2], before[1])  # the skipped step left the vectors unchanged
+    assert not torch.equal(before[3], before[2])  # and training went on
+    assert all(torch.isfinite(v).all() for v in before.values())
+    # 2**16 halves at the skip; 3 good steps in a row (3, 4, 5) double it, then (6, 7, 8) again
+    assert [i.loss_scale for i in infos] == [2.0 ** 16, 2.0 ** 15, 2.0 ** 15, 2.0 ** 15, 2.0 ** 16,
+                                             2.0 ** 16, 2.0 ** 16, 2.0 ** 17]
+    assert len(infos[1].warnings) == 1 and "skipped" in infos[1].warnings[0] and "bf16" in infos[1].warnings[0]
+    assert infos[1].grad_norms == [0.0] * 4 and math.isfinite(infos[1].loss)
+    assert tr.optimizer.t == 7  # the optimiser never saw the skipped step
+    assert tr.sampler is not None and tr.history.step == list(range(1, 9))
+
+
+def test_dynamic_loss_scale_skips_a_nan_loss_instead_of_stopping(tiny, monkeypatch):
+    tr = _trainer(tiny, steps=3, loss_scale="dynamic")
+    _overflow_on(tiny.denoiser, monkeypatch, {1}, kind="loss")
+    infos = []
+    res = tr.run(infos.append)
+    assert [i.skipped for i in infos] == [True, False, False] and res.steps_done == 3
+    assert infos[0].loss == 0.0 and infos[0].loss_scale == 2.0 ** 15  # never a NaN in a report
+    assert all(torch.isfinite(v).all() for v in res.embedding.vectors.values())
+
+
+def test_dynamic_loss_scale_gives_up_after_many_overflows_in_a_row(tiny):
+    tr = _trainer(tiny, steps=40, loss_scale="dynamic")
+    tr.run(lambda info: info.step < 2)
+    good = tr.params["clip_l"].detach().clone()
+    tr.scaler.scale = 2.0 ** 200  # loss * scale is inf in fp32: every step overflows
+    with pytest.raises(TrainingDiverged, match="fp16") as ei:
+        tr.run()
+    assert "bf16" in str(ei.value) and "20 steps in a row" in str(ei.value)
+    assert tr.step == 2 + 19 and tr.scaler.skips == 20
+    assert torch.equal(ei.value.embeddings[0].vectors["clip_l"], good)
+    assert torch.equal(tr.params["clip_l"].detach(), good)
+
+
+def test_dynamic_loss_scale_resumes_exactly_through_checkpoint_files(tiny, tmp_path, monkeypatch):
+    from inversion.checkpoint import load_state, save_checkpoint
+
+    def make(resume=None, loss_scale="dynamic"):
+        emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+        c = prepare_concept(tiny.latents, concept_images(4), emb)
+        tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=8, batch_size=4, seed=2, loss_scale=loss_scale),
+                     resume=resume)
+        if tr.scaler is not None and resume is None:
+            tr.scaler.growth_interval = 2
+        return tr
+
+    _overflow_on(tiny.denoiser, monkeypatch, {2})  # step 2's backward overflows
+    full = make()
+    full_infos = []
+    full.run(full_infos.append)
+    monkeypatch.undo()
+    _overflow_on(tiny.denoiser, monkeypatch, {2})
+    part = make()
+    part.run(lambda info: info.step < 3)
+    save_checkpoint(part, [tmp_path / "toy.safetensors"])
+    state = load_state(tmp_path / "toy.safetensors")
+    assert float(state.optimizer["loss_scale.scale"]) == part.scaler.scale == 2.0 ** 15
+    assert int(state.optimizer["loss_scale.good"]) == 1
+    monkeypatch.undo()
+    _overflow_on(tiny.denoiser, monkeypatch, set())
+    resumed = make(resume=state)
+    resumed.scaler.growth_interval = 2  # a knob, not state (as the run's settings are)
+    assert (resumed.scaler.scale, resumed.scaler.good, resumed.optimizer.t) == (2.0 ** 15, 1, 2)
+    infos = []
+    resumed.run(infos.append)
+    assert [i.loss_scale for i in infos] == [i.loss_scale for i in full_infos[3:]]
+    assert torch.equal(resumed.params["clip_l"], full.params["clip_l"])
+    # a run without loss scaling ignores the scale in a state it resumes from
+    plain = make(resume=load_state(tmp_path / "toy.safetensors"), loss_scale="none")
+    assert plain.scaler is None and plain.optimizer.t == 2
+
+
+# ---- per-image captions and aspect buckets ---------------------------------------------------
+
+# What ConceptSet.draw gave before captions options and buckets existed (two concepts, one masked,
+# batch 3, seed 7, steps 0-4): idx, templates, t, and the noise's sum. Recorded on the old code path.
+_OLD_DRAWS = [
+    ([3, 4, 4], ["a close-up photo of the <a>", "a photo of the cool <a>", "a bright photo of the <a>"],
+     [329, 845, 565], 49.293442, 768.0),
+    ([0, 0, 1], ["a cropped photo of the <a>", "a good photo of a <a>", "a rendering of a <a>"],
+     [865, 380, 611], 43.349684, 768.0),
+    ([3, 6, 8], ["a good photo of the <a>", "the photo of a <b>", "a photo of my <b>"], [625, 721, 355], 64.906215, 384.0),
+    ([6, 1, 7], ["a rendering of a <b>", "a cropped photo of the <a>", "a rendition of the <b>"], [823, 995, 20],
+     7.671215, 384.0),
+    ([9, 4, 9], ["a photo of a nice <b>", "a photo of the cool <a>", "a cropped photo of a <b>"], [789, 905, 165],
+     -5.464713, 384.0),
+]
+
+
+def _two_concepts(world, captions_a=None, **cfg):
+    from inversion.prompts import CaptionOptions
+
+    a = prepare_concept(world.latents, concept_images(3, seed=1), make_embedding(world.text, "a", init_word="cat"),
+                        captions=captions_a)
+    m = torch.zeros(2, 16, 16)
+    m[:, 2:10, 2:10] = 1
+    b = prepare_concept(world.latents, concept_images(2, seed=2), make_embedding(world.text, "b", init_word="dog", k=2),
+                        masks=m)
+    return Trainer(world.text, world.denoiser, [a, b],
+                   TrainConfig(steps=3, batch_size=3, seed=7, captions=CaptionOptions(**cfg)))
+
+
+@pytest.mark.parametrize("captions", [None, ["<a> one", "<a> two", "<a> three"]])
+def test_square_draws_without_caption_options_are_as_before(tiny, captions):
+    from inversion.batch import step_generator
+
+    tr = _two_concepts(tiny, captions_a=captions)
+    for step, (idx, prompts, t, noise, mask) in enumerate(_OLD_DRAWS):
+        d = tr.data.draw(step_generator(7, step, 0), 3, tr.sampler.sample)
+        assert d.idx.tolist() == idx and d.t.tolist() == t
+        assert float(d.noise.double().sum()) == pytest.approx(noise, abs=1e-5) and float(d.mask.sum()) == mask
+        if captions is None:
+            assert d.prompts == prompts
+        else:  # a's rows 0-5 (images, then flips) use their captions; b's still the same templates
+            assert d.prompts == [captions[i % 3] if i < 6 else p for i, p in zip(idx, prompts)]
+
+
+def test_captions_per_image_mix_with_templates(tiny):
+    from inversion.batch import step_generator
+    from inversion.prompts import OBJECT_TEMPLATES
+
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    c = prepare_concept(tiny.latents, concept_images(4), emb, captions=["<toy> on grass", None, "red <toy>", None])
+    assert c.captions == ["<toy> on grass", None, "red <toy>", None] * 2
+    tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=3, batch_size=4))
+    templated = {t.format("<toy>") for t in OBJECT_TEMPLATES}
+    for step in range(10):
+        d = tr.data.draw(step_generator(0, step, 0), 4, tr.sampler.sample)
+        for i, p in zip(d.idx.tolist(), d.prompts):
+            assert p == c.captions[i] if i % 2 == 0 else p in templated
+    assert all(math.isfinite(x) for x in tr.run().history.loss)
+    with pytest.raises(ValueError, match="must contain the placeholder '<toy>'"):
+        prepare_concept(tiny.latents, concept_images(2), emb, captions=[None, "no concept here"])
+
+
+def test_caption_shuffle_keeps_the_first_parts_and_is_fixed_by_seed_and_step(tiny):
+    from inversion.batch import ConceptSet, step_generator
+    from inversion.prompts import CaptionOptions, shuffle_caption
+
+    g = torch.Generator().manual_seed(0)
+    assert shuffle_caption("<t>, a, b", 3, g) == "<t>, a, b" and shuffle_caption("<t>, a", 1, g) == "<t>, a"
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    cap = "<toy>, red, on grass, at noon, small, blurry"
+    c = prepare_concept(tiny.latents, concept_images(2), emb, captions=[cap, cap], flip=False)
+
+    def prompts(keep, seed, step):
+        data = ConceptSet(tiny.text, [c], ("a photo of {}",), captions=CaptionOptions(shuffle=True, keep=keep))
+        return data.draw(step_generator(seed, step, 0), 2, lambda n, gen: torch.zeros(n, dtype=torch.long)).prompts
+
+    seen = set()
+    for step in range(12):
+        p = prompts(2, 5, step)
+        assert p == prompts(2, 5, step)  # the same (seed, step): the same order, so resume is exact
+        for q in p:
+            parts = q.split(", ")
+            assert parts[:2] == ["<toy>", "red"] and sorted(parts) == sorted(cap.split(", "))
+            seen.add(q)
+    assert len(seen) > 5
+    assert prompts(0, 5, 1) != prompts(0, 6, 1)
+
+
+def test_caption_dropout_uses_templates_at_its_rate(tiny):
+    from inversion.batch import ConceptSet
+    from inversion.prompts import CaptionOptions
+
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    c = prepare_concept(tiny.latents, concept_images(2), emb, captions=["<toy> x", "<toy> y"])
+    data = ConceptSet(tiny.text, [c], ("a photo of {}",), captions=CaptionOptions(dropout=0.3))
+    gen = torch.Generator().manual_seed(0)
+    out = data.prompts(torch.randint(0, len(data), (4000,), generator=gen), gen)
+    rate = out.count("a photo of <toy>") / len(out)
+    assert 0.27 < rate < 0.33, rate
+    none = ConceptSet(tiny.text, [c], ("a photo of {}",), captions=CaptionOptions(dropout=0.0))
+    assert "a photo of <toy>" not in none.prompts(torch.arange(4), gen)
+
+
+def _bucket_images():
+    """Two square 16x16 images and two wide 12x20 ones (the tiny world's latents are its pixels)."""
+    wide = torch.nn.functional.interpolate(concept_images(2, seed=3), size=(12, 20), mode="bilinear")
+    return [*concept_images(2), wide[0], wide[1]]
+
+
+def test_buckets_cache_latents_per_bucket_and_never_mix_in_a_batch(tiny):
+    from inversion.batch import step_generator
+
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    masks = [None, None, torch.ones(12, 20), torch.zeros(12, 20).index_fill_(1, torch.arange(10), 1.0)]
+    c = prepare_concept(tiny.latents, _bucket_images(), emb, masks=masks,
+                        captions=["<toy> a", None, "<toy> wide", None])
+    assert [tuple(t.shape) for t in c.tables()] == [(4, 3, 16, 16), (4, 3, 12, 20)]
+    assert [tuple(m.shape) for m in c.mask_tables()] == [(4, 1, 16, 16), (4, 1, 12, 20)]
+    assert c.mask_tables()[0].min() == 1 and c.mask_tables()[1][1, 0, 0, 0] == 1 and c.mask_tables()[1][3, 0, 0, 0] == 0
+    assert c.captions == ["<toy> a", None, "<toy> a", None, "<toy> wide", None, "<toy> wide", None] and len(c) == 8
+    tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=3, batch_size=3, seed=2))
+    shapes = set()
+    for step in range(30):
+        d = tr.data.draw(step_generator(2, step, 0), 3, tr.sampler.sample)
+        b = tr.data.bucket[d.idx]
+        assert (b == b[0]).all() and d.x0.shape[-2:] == d.mask.shape[-2:]
+        for i, p in zip(d.idx.tolist(), d.prompts):
+            assert p == c.captions[i] if c.captions[i] is not None else p.endswith("<toy>")
+        shapes.add(tuple(d.x0.shape[-2:]))
+    assert shapes == {(16, 16), (12, 20)}
+    idx = tr.data.sample_rows(torch.Generator().manual_seed(0), 12, 3)
+    assert all(len(set(tr.data.bucket[idx[s:s + 3]].tolist())) == 1 for s in range(0, 12, 3))
+    with pytest.raises(ValueError, match="aspect buckets"):
+        tr.data.latents  # noqa: B018
+    same = prepare_concept(tiny.latents, list(concept_images(3)), emb)  # one size: one table, as a batch gives
+    assert isinstance(same.latents, torch.Tensor)
+    assert torch.equal(same.latents, prepare_concept(tiny.latents, concept_images(3), emb).latents)
+
+
+def test_two_bucket_concept_trains_and_its_loss_falls(tiny):
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    c = prepare_concept(tiny.latents, _bucket_images(), emb)
+    tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=40, batch_size=2, lr=5e-2))
+    before = tr.evaluate()
+    res = tr.run()
+    after = tr.evaluate()
+    assert res.steps_done == 40 and all(math.isfinite(x) for x in res.history.loss)
+    assert after < before - 1e-3, (before, after)
+
+
+def test_a_caption_too_long_is_an_error_before_training(tiny):
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    long = "<toy> " + " ".join(["red"] * 200)
+    c = prepare_concept(tiny.latents, concept_images(2), emb, captions=[long, None])
+    with pytest.raises(ValueError, match="shorten the template or caption"):
+        Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=1))
