@@ -14,6 +14,9 @@
 - ``ComfyLatentEncoder``: a VAE; latents pass through ``process_latent_in`` as sampling does.
 - ``training_host``: loads the models fully, and makes them trainable-through for the duration
   (see ``thaw`` and ``out_of_place_clip_layers``) while keeping them usable by the rest of the graph.
+- ``training_precision``: a user's precision choice as the trainer's autocast dtype and loss scaling
+  (fp16 UNets train with the trainer's dynamic loss scaling); ``with_compute_dtype``: a MODEL clone that
+  computes in a chosen dtype; ``gradient_checkpointing``: recompute UNet blocks in backward (memory).
 
 Traps handled (../shared/COMFYUI_NOTES.md sections 2-4): weights are inference tensors; CLIP layers
 add residuals in place; parameters loaded outside inference mode require grad.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.clip_model
 import comfy.model_management
@@ -37,6 +41,7 @@ import comfy.sdxl_clip
 
 from ..inversion.embedding import ENCODER_KEYS  # ComfyUI's concatenation order (SDXL: l then g)
 from ..inversion.host import Conditioning, EncoderOutput, SimpleTextSide
+from .comfy_attention import sdpa_attention  # the UNet's attention while training (SDPA where torch has it)
 
 __all__ = [
     "ENCODER_KEYS",
@@ -49,10 +54,12 @@ __all__ = [
     "thaw",
     "out_of_place_clip_layers",
     "training_host",
+    "training_precision",
+    "with_compute_dtype",
+    "gradient_checkpointing",
 ]
 
 _SUPPORTED_CLIPS = (comfy.sd1_clip.SD1ClipModel, comfy.sdxl_clip.SDXLClipModel)
-FP16_GRAD_SCALE = 1024.0  # static loss scale for fp16 UNets: keeps small context gradients above fp16's underflow
 
 
 def encoder_keys(clip) -> list[str]:
@@ -121,19 +128,6 @@ def comfy_text_side(clip) -> SimpleTextSide:
     return SimpleTextSide([ComfyTextEncoder(clip, k) for k in keys], pooled_from=pooled)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; gradient times ``scale`` backward (static loss scaling around fp16 code)."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 class ComfyDenoiser:
     """``inversion.host.Denoiser`` over a ComfyUI MODEL (ModelPatcher) with a discrete schedule.
 
@@ -158,7 +152,6 @@ class ComfyDenoiser:
         self.uses_adm = int(getattr(self.base, "adm_channels", 0) or 0) > 0
         self.latent_downscale = latent_downscale
         self.device = model.load_device
-        self.grad_scale = 1.0
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigmas[t.detach().long().cpu()]
@@ -183,15 +176,9 @@ class ComfyDenoiser:
         extra = {}
         if self.uses_adm:
             extra["y"] = self._adm(cond, x)
-        if self.grad_scale != 1.0:
-            context = _ScaleGrad.apply(context, 1.0 / self.grad_scale)
-            if "y" in extra:
-                extra["y"] = _ScaleGrad.apply(extra["y"], 1.0 / self.grad_scale)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)
         x0 = self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **extra)
-        if self.grad_scale != 1.0:
-            x0 = _ScaleGrad.apply(x0, self.grad_scale)
         return (x - x0) / sigma.view(-1, *([1] * (x.ndim - 1)))
 
 
@@ -312,9 +299,100 @@ def training_host(model, clip, vae=None) -> Iterator[ComfyHost]:
         thaw(model.model)
         thaw(clip.cond_stage_model)
         denoiser = ComfyDenoiser(model)
-        dtype = _compute_dtype(model)
-        if dtype == torch.float16:
-            denoiser.grad_scale = FP16_GRAD_SCALE
+        dtype = _compute_dtype(model)  # fp16 gradients are protected by the trainer's loss scaling
         latent_encoder = ComfyLatentEncoder(vae, model) if vae is not None else None
-        with out_of_place_clip_layers(clip.cond_stage_model):
+        with out_of_place_clip_layers(clip.cond_stage_model), sdpa_attention(model):
             yield ComfyHost(comfy_text_side(clip), denoiser, latent_encoder, torch.device(model.load_device), dtype)
+
+
+# ---------------------------------------------------------------- precision and memory
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_precision(host: ComfyHost, precision: str) -> tuple[str | None, str]:
+    """The trainer's ``(autocast_dtype, loss_scale)`` for a user's ``precision`` choice.
+
+    - ``"auto"``: the UNet's own compute dtype (``host.dtype``, what ComfyUI chose when it loaded the
+      model): fp16 -> ("fp16", "dynamic"), bf16 -> ("bf16", "none"), fp32 -> (None, "none").
+    - ``"fp16"`` -> ("fp16", "dynamic"); ``"bf16"`` -> ("bf16", "none"): autocast on a GPU. On the CPU
+      the trainer never autocasts, so there the UNet runs in ``host.dtype`` whatever the choice.
+    - ``"fp32"`` -> no autocast. It cannot upcast weights from here: the UNet computes in
+      ``host.dtype``. ComfyUI stores the weights in one dtype and, where the device cannot compute in
+      it, casts them per layer to its ``manual_cast_dtype`` (always fp32 on the CPU, so ``--fp16-unet``
+      there still computes in fp32); on a GPU that runs fp16 natively, fp16 weights compute in fp16
+      even with "fp32" chosen here (load the model with ``--fp32-unet`` or a loader's fp32 weight
+      dtype, or use ``with_compute_dtype``, for true fp32). So "fp32" with an fp16 ``host.dtype``
+      keeps dynamic loss scaling: (None, "dynamic").
+
+    The rule behind every row: the loss is scaled dynamically exactly when the UNet's backward runs in
+    fp16 (its 5-bit exponent underflows small gradients and overflows large ones); bf16 has fp32's
+    exponent range and needs no scaling.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(host.dtype, "fp32")
+    if precision == "fp16":
+        return "fp16", "dynamic"
+    if precision == "bf16":
+        return "bf16", "none"
+    return None, ("dynamic" if host.dtype == torch.float16 else "none")
+
+
+def with_compute_dtype(model, precision: str):
+    """A clone of MODEL whose UNet computes in ``precision`` ("fp32" / "bf16" / "fp16") on any device,
+    weights cast per layer (ComfyUI's manual cast, as its LoRA trainer sets the training dtype);
+    "auto" returns ``model`` itself. Load the clone (``training_host``) instead of the original."""
+    if precision == "auto":
+        return model
+    if precision not in _PRECISION_DTYPES:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    m = model.clone()
+    m.set_model_compute_dtype(_PRECISION_DTYPES[precision])
+    return m
+
+
+def _checkpointed(original):
+    """``original`` (a bound forward) recomputed in backward instead of keeping its activations."""
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        opts = kwargs.get("transformer_options")
+        if isinstance(opts, dict):
+            # The UNet rewrites this dict as it goes (block, block_index, ...): the recomputation in
+            # backward must see the values of the forward pass, so the block gets its own copy.
+            kwargs = dict(kwargs, transformer_options=dict(opts))
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model) -> Iterator[int]:
+    """UNet gradient checkpointing for the duration: each ResBlock and transformer block of the UNet
+    (``model``: a MODEL, its BaseModel or the UNet) keeps only its inputs in the forward pass and is
+    recomputed in backward (``torch.utils.checkpoint``, non-reentrant), the idea of ComfyUI's own
+    LoRA trainer (``gradient_checkpointing``), at the granularity diffusers uses. Less activation
+    memory (SDXL on 8-12 GB cards) for one more UNet forward per step; gradients are unchanged.
+    The blocks get their own forward back on exit, so sampling elsewhere is untouched. Yields the
+    number of blocks wrapped."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    base = getattr(model, "model", model)  # a ModelPatcher's BaseModel
+    unet = getattr(base, "diffusion_model", base)
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    saved = []
+    for m in blocks:
+        saved.append(m.__dict__.get("forward"))
+        m.forward = _checkpointed(m.forward)
+    try:
+        yield len(blocks)
+    finally:
+        for m, own in zip(blocks, saved):
+            if own is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = own
