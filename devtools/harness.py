@@ -9,7 +9,8 @@ ComfyUI's own ``tests`` package nor its ``nodes`` module can shadow, whatever th
 - ``sd15_checkpoint()`` builds, once, a random-weight *full-architecture* SD1.5 checkpoint with
   ComfyUI's own classes (UNet: PyTorch default init, never zero-init, so gradients are not
   trivial; text encoder: N(0, 0.02); saved fp16 in the original LDM key layout via
-  ``BaseModel.state_dict_for_saving``) and caches it outside the repository.
+  ``BaseModel.state_dict_for_saving``) and caches it outside the repository; ``sdxl_checkpoint()``
+  does the same for a full-size SDXL base (``benchmarks/train_speed.py``, on a GPU).
 - ``tiny_sdxl()`` / ``tiny_sd2()``: small ComfyUI MODEL/CLIP/VAE objects of the SDXL
   (clip_l + clip_g, pooled, ADM ``y``) and SD2 (clip_h, v-prediction) families, built with
   ComfyUI's classes and tiny configs, their weights made inference tensors as the loaders do.
@@ -117,6 +118,33 @@ def run_node(node_cls, node_id: str = "7", **inputs):
     clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
     with torch.inference_mode():
         return clone.execute(**inputs)
+
+
+TRAIN_INPUTS = ("model", "clip", "vae", "init", "name", "method", "steps", "learning_rate", "batch_size", "seed",
+                "if_exists", "images", "masks", "dataset", "profile", "options")
+
+
+def training_options(**widgets):
+    """The pack's ``TrainingOptions`` made by its Training Options node from widget values by name (the
+    node's defaults for the rest), so tests exercise the node as a graph would."""
+    import importlib
+
+    node = importlib.import_module(f"{PACK_MODULE}.nodes.options_nodes").TrainingOptionsNode
+    defaults = {i.id: i.default for i in node.define_schema().inputs}
+    unknown = set(widgets) - set(defaults)
+    if unknown:
+        raise TypeError(f"Training Options has no inputs {sorted(unknown)}")
+    return run_node(node, **{**defaults, **widgets}).args[0]
+
+
+def train_inputs(**kw) -> dict:
+    """Train Textual Inversion's inputs from one flat dict: its own inputs as given, everything else
+    (templates, flip, checkpoint_every, interval_start, ...) through a Training Options node."""
+    own = {k: v for k, v in kw.items() if k in TRAIN_INPUTS}
+    rest = {k: v for k, v in kw.items() if k not in TRAIN_INPUTS}
+    if rest:
+        own["options"] = training_options(**rest)
+    return own
 
 
 def _torch_reset(m: nn.Module) -> bool:
@@ -286,3 +314,46 @@ def tiny_sdxl(embedding_directory: str | None = None, seed: int = 0):
 def tiny_sd2(embedding_directory: str | None = None, seed: int = 0):
     """(MODEL, CLIP, VAE): SD2 family, clip_h 48-d, v-prediction."""
     return _tiny("sd2", embedding_directory, seed)
+
+
+# ---------------------------------------------------------------- SDXL, full size (GPU benchmark)
+
+SDXL_NAME = f"sdxl-random-{CACHE_VERSION}.safetensors"
+SDXL_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+
+def build_sdxl_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a random full-size SDXL base checkpoint (2.6 B UNet, clip_l + clip_g, VAE; ~7 GB fp16)
+    that CheckpointLoaderSimple detects as SDXL; built in fp16 to keep the peak memory near 8 GB."""
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    unet = dict(SDXL_UNET, dtype=torch.float16)
+    config = comfy.supported_models.SDXL(unet)
+    config.set_inference_dtype(torch.float16, None)
+    model = randomize_(config.get_model({}), seed)
+    clip = randomize_(comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed + 1, text_std=0.02)
+    vae = randomize_(ae.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4), seed + 2)
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    del model, clip, vae
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    comfy.utils.save_torch_file(sd, tmp, metadata={"generator": "comfyui-inversion benchmarks", "version": CACHE_VERSION})
+    os.replace(tmp, path)
+    return path
+
+
+def sdxl_checkpoint() -> str:
+    """Path of the cached random full-size SDXL checkpoint, built on first use (7 GB; minutes on a CPU)."""
+    path = os.path.join(cache_dir(), SDXL_NAME)
+    if not os.path.isfile(path):
+        build_sdxl_checkpoint(path)
+    return path

@@ -5,6 +5,8 @@
 | ``INVERSION_EMBEDDING``   | ``inversion.embedding.LearnedEmbedding``  | TrainTextualInversion, LoadEmbedding, EmbeddingSlerp |
 | ``INVERSION_INIT``        | ``LearnedEmbedding`` (initial vectors, metadata init_text / class_word) | CaptionInit |
 | ``INVERSION_GRAD_PROFILE``| ``inversion.profiler.GradProfile``        | GradNormProfiler                |
+| ``INVERSION_DATASET``     | ``inversion.dataset.ConceptImages`` (per-image tensors of any aspect, masks, captions) | LoadConceptImages |
+| ``INVERSION_OPTIONS``     | ``inversion.options.TrainingOptions``     | TrainingOptions                 |
 
 Types match by their string, so the names are namespaced: another pack's ``EMBEDDING`` socket
 (a different object) cannot be wired into ours by accident.
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-__all__ = ["EmbeddingType", "InitType", "GradProfileType"]
+__all__ = ["EmbeddingType", "InitType", "GradProfileType", "DatasetType", "OptionsType"]
 
 EmbeddingType = io.Custom("INVERSION_EMBEDDING")
 InitType = io.Custom("INVERSION_INIT")
 GradProfileType = io.Custom("INVERSION_GRAD_PROFILE")
+DatasetType = io.Custom("INVERSION_DATASET")
+OptionsType = io.Custom("INVERSION_OPTIONS")

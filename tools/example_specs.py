@@ -65,9 +65,17 @@ def load_images(size: int = 512) -> N:
 
 def train(method: str, steps: int, **widgets: Any) -> N:
     w = {"name": CONCEPT, "method": method, "steps": steps, "batch_size": 1, "learning_rate": 0.0, "seed": 0,
-         "control_after_generate": "fixed", "templates": "object", "if_exists": "error", "checkpoint_every": 100}
+         "control_after_generate": "fixed", "if_exists": "error"}
     w.update(widgets)
     return N("train", "InversionTrainTextualInversion", w)
+
+
+def options(**widgets: Any) -> N:
+    """A Training Options node (its defaults, except ``widgets``) wired into the trainer."""
+    return N("options", "InversionTrainingOptions", widgets)
+
+
+OPTIONS_LINKS = [("options", "options", "train", "options")]
 
 
 TRAIN_LINKS = [
@@ -139,10 +147,9 @@ WORKFLOWS: list[W] = [
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
         N("profiler", "InversionGradNormProfiler", {"bins": 20, "samples_per_bin": 4, "batch_size": 4, "window": 100,
-                                                    "seed": 0, "control_after_generate": "fixed",
-                                                    "templates": "object"}),
+                                                    "seed": 0, "control_after_generate": "fixed"}),
         N("profile_chart", "PreviewImage"),
-        train("high_grad", 1000, window=100),
+        train("high_grad", 1000),
         N("chart", "PreviewImage"),
     ], TRAIN_LINKS + [
         ("ckpt", "MODEL", "profiler", "model"), ("ckpt", "CLIP", "profiler", "clip"),
@@ -157,14 +164,19 @@ WORKFLOWS: list[W] = [
              "estimates from the gradients it computes anyway (no profiling run, no extra passes). A share of "
              "uniform draws ('explore') keeps every bin measured. The chart on the trainer shows the running g(t) "
              "estimate per bin next to the loss and the sampled timesteps.",
-             "adaptive_bins sets the resolution of the estimate (20 bins of 50 timesteps).", SETUP, USE),
+             "Training Options holds what a run may change beyond the basics: adaptive_bins sets the "
+             "resolution of the estimate (20 bins of 50 timesteps); there too are the learning-rate schedule "
+             "and warm-up, gradient accumulation, flip, templates and per-image caption handling, checkpoint "
+             "cadence, precision (auto: fp16 models train with dynamic loss scaling) and UNet gradient "
+             "checkpointing for small cards.", SETUP, USE, size=(460, 400)),
         checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
-        train("adaptive", 1000, adaptive_bins=20),
+        options(adaptive_bins=20, checkpoint_every=100),
+        train("adaptive", 1000),
         N("chart", "PreviewImage"),
         *sample_nodes(f"a photo of {CONCEPT} in a snowy forest"),
-    ], TRAIN_LINKS + SAMPLE_LINKS),
+    ], TRAIN_LINKS + OPTIONS_LINKS + SAMPLE_LINKS),
 
     W("04_directional_ti_class_prior", [
         note("DIRECTIONAL TEXTUAL INVERSION with a class-word prior (DTI, ICLR 2026)",
@@ -172,16 +184,18 @@ WORKFLOWS: list[W] = [
              "direction is trained, with Riemannian SGD on the sphere; a von Mises-Fisher prior (kappa) pulls "
              "the direction toward the class word. Embeddings stay in-distribution, so prompts such as 'a "
              "watercolor of <concept> in the snow' keep their style and context.",
-             "Set class_word to what the concept is ('toy', 'dog', 'mug'); empty takes Caption Init's class "
+             "Set class_word (on Training Options) to what the concept is ('toy', 'dog', 'mug'); empty takes "
+             "Caption Init's class "
              "word. The chart shows the vector norm sitting on m* (dashed). learning_rate 0 = 0.01 rad per step.",
              SETUP, USE),
         checkpoint(SD15),
         load_images(512),
         N("init", "InversionCaptionInit", {"mode": "manual", "text": "a plush toy", "class_word": "toy"}),
-        train("directional", 1000, class_word="toy", kappa=1e-4),
+        options(class_word="toy", kappa=1e-4),
+        train("directional", 1000),
         N("chart", "PreviewImage"),
         *sample_nodes(f"a watercolor painting of {CONCEPT} in the snow"),
-    ], TRAIN_LINKS + SAMPLE_LINKS),
+    ], TRAIN_LINKS + OPTIONS_LINKS + SAMPLE_LINKS),
 
     W("05_caption_initialisation", [
         note("CAPTION INITIALISATION (Qiu et al., An Image is Worth One Sentence)",

@@ -108,7 +108,8 @@ checkpoint.
         "body": """\
 ## What it does
 
-Learns the vectors of a new word for the concept in **images**, starting from **init**, and
+Learns the vectors of a new word for the concept in **images** (or **dataset**: Load Concept
+Images' output with per-image captions and aspect-ratio buckets), starting from **init**, and
 saves `models/embeddings/<name>.safetensors` (SD1.x / SD2.x: one tensor; SDXL: `clip_l` and
 `clip_g`). Use it as `embedding:<name>` in any prompt, or wire the **embedding** output into
 Apply Learned Embedding to try it at once. The chart on the node is drawn live: the loss and its
@@ -127,14 +128,18 @@ vector norm (with DTI's fixed norm m*). It comes back after a page reload.
 | `interval`, `single_step` | the paper's baselines ([350, 450], t = 400, ...) |
 | `directional_adamw` | DTI's ablation |
 
-Parameters that only some methods read: **interval_start/end** (interval), **single_t**
-(single_step), **window** (high_grad*), **adaptive_bins** (adaptive*), **kappa** and
-**class_word** (directional*). **learning_rate** 0 picks the method's own default.
+The node holds what every run needs; everything else is on the optional **Training Options**
+node wired into **options**: the parameters that only some methods read (interval_start/end,
+single_t, window, adaptive_bins, kappa, class_word), the learning-rate schedule and warm-up,
+gradient accumulation and clipping, the regularisers, flip, templates, caption handling,
+checkpoint cadence, precision and UNet gradient checkpointing. **learning_rate** 0 picks the
+method's own default.
 
 ## Steps and time
 
 Typical: 500-1500 steps for adaptive / high_grad, 2000-5000 for vanilla. **batch_size** > 1
-averages more images per step (smoother, proportionally slower). **checkpoint_every** saves the
+averages more images per step (smoother, proportionally slower). Training Options'
+**checkpoint_every** saves the
 embedding, and the run's state in `models/inversion_runs/<name>/`, so an interrupted run can
 continue with **if_exists = resume**. Cancel stops after the current step and keeps the last good
 vectors. An existing file is replaced only by a run that completes: with **if_exists = overwrite**
@@ -144,8 +149,9 @@ a cancelled run leaves it as it was and keeps its own vectors in `models/inversi
 
 ## Regularisers
 
-**l2_weight** penalises large vectors; **contrastive_weight** keeps each vector near real words
-(nearest-neighbour contrastive loss). Both help a concept combine with other words in prompts.
+Training Options' **l2_weight** penalises large vectors; **contrastive_weight** keeps each vector
+near real words (nearest-neighbour contrastive loss). Both help a concept combine with other words
+in prompts.
 
 ## If the concept does not show
 
@@ -154,6 +160,32 @@ a more specific init text; check the loss chart went down; vary the training ima
 the background leaks in.
 """,
         "paper": "000 002 003 gal",
+    },
+    "InversionTrainingOptions": {
+        "body": """\
+## What it is for
+
+Train Textual Inversion keeps the inputs every run needs; this node holds the rest, so a graph
+shows only what it changes. Wire **options** into the trainer (and into Gradient Norm Profiler,
+which measures with the same templates and flip). Unconnected, the trainer uses these defaults.
+
+## Groups
+
+- **Method parameters**: interval_start / interval_end (interval), single_t (single_step),
+  window (high_grad*), adaptive_bins (adaptive*), kappa and class_word (directional*).
+- **Regularisers**: l2_weight, contrastive_weight (0 = off).
+- **Schedule**: lr_schedule (constant, linear or cosine to 0 at the last step) after
+  warmup_steps of linear warm-up; grad_accum micro-batches per step (an effective batch of
+  batch_size x grad_accum without its memory); max_grad_norm clipping.
+- **Data**: flip; templates (object, style or custom lines with `{}`); for images with a caption
+  file (`image.txt` beside `image.png`, the concept marked as `[name]` or `{}`), caption_shuffle,
+  caption_keep and caption_dropout.
+- **Cadence**: checkpoint_every.
+- **Precision and memory**: precision = auto trains in the model's own compute dtype (fp16 models
+  with dynamic loss scaling: a step whose gradient overflows is skipped and the scale lowered);
+  fp32 / bf16 / fp16 force it on a GPU. gradient_checkpointing recomputes the UNet's activations
+  in the backward pass: much less memory (SDXL at 1024 px on 8-12 GB cards), slower steps.
+""",
     },
     "InversionApplyLearnedEmbedding": {
         "body": """\

@@ -38,10 +38,10 @@ def _train(comfyui, bundle, name, **extra):
     n = nodes(comfyui)
     init = run(comfyui, n["CaptionInit"], clip=bundle.clip, mode="manual", text="a toy")[0]
     kw = dict(model=bundle.model, clip=bundle.clip, vae=bundle.vae, images=_images(), init=init, name=name,
-              method="vanilla", steps=1, batch_size=1, learning_rate=0.0, seed=3, templates="object",
-              custom_templates="", if_exists="overwrite", checkpoint_every=0, flip=True)
+              method="vanilla", steps=1, batch_size=1, learning_rate=0.0, seed=3, if_exists="overwrite",
+              checkpoint_every=0)
     kw.update(extra)
-    return run(comfyui, n["TrainTextualInversion"], **kw)
+    return run(comfyui, n["TrainTextualInversion"], **harness.train_inputs(**kw))
 
 
 def _folder(comfyui, name):
@@ -70,7 +70,7 @@ def test_skipped_files_are_one_toast_that_names_them(comfyui, toasts, alpha_as_m
     Image.fromarray(gradient).save(os.path.join(folder, "d_gray16.png"))  # 16-bit grayscale
     out = run(comfyui, nodes(comfyui)["LoadConceptImages"], node_id="9", folder=os.path.basename(folder),
               size=SIZE, fit="crop", alpha_as_mask=alpha_as_mask)
-    images, masks, count = out.args
+    images, masks, count, _dataset = out.args
     assert count == 2 and images.shape == (2, SIZE, SIZE, 3) and masks.shape == (2, SIZE, SIZE)
     gray = images[1]  # d_gray16.png: a dark-to-light ramp, not white
     assert gray[:, :4].mean() < 0.1 and gray[:, -4:].mean() > 0.9

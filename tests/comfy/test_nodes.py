@@ -45,10 +45,10 @@ def _init(comfyui, clip, text="a toy"):
 
 def _train_inputs(comfyui, bundle, name, method="vanilla", steps=STEPS, lr=0.0, **extra):
     kw = dict(model=bundle.model, clip=bundle.clip, vae=bundle.vae, images=_images(), init=_init(comfyui, bundle.clip),
-              name=name, method=method, steps=steps, batch_size=1, learning_rate=lr, seed=3, templates="object",
-              custom_templates="", if_exists="overwrite", checkpoint_every=0, flip=True)
+              name=name, method=method, steps=steps, batch_size=1, learning_rate=lr, seed=3, if_exists="overwrite",
+              checkpoint_every=0)
     kw.update(extra)
-    return kw
+    return harness.train_inputs(**kw)  # templates, flip, checkpoint_every, ... through Training Options
 
 
 def _train(comfyui, bundle, name, method="vanilla", steps=STEPS, lr=0.0, node_id="7", **extra):
@@ -60,7 +60,7 @@ def _train(comfyui, bundle, name, method="vanilla", steps=STEPS, lr=0.0, node_id
 def profile(comfyui, sd15):
     out = run(comfyui, nodes(comfyui).GradNormProfiler, model=sd15.model, clip=sd15.clip, vae=sd15.vae,
               images=_images(), init=_init(comfyui, sd15.clip), bins=4, samples_per_bin=1, batch_size=4,
-              window=100, seed=0, templates="object", custom_templates="")
+              window=100, seed=0)
     return out
 
 
@@ -227,8 +227,9 @@ def test_load_concept_images(comfyui, caplog):
     folder = os.path.join(comfyui.folder_paths.get_input_directory(), "concept-test")
     _write_images(folder)
     with caplog.at_level(logging.WARNING):
-        images, masks, count = run(comfyui, n.LoadConceptImages, folder="concept-test", size=64, fit="crop",
-                                   alpha_as_mask=True).args
+        images, masks, count, dataset = run(comfyui, n.LoadConceptImages, folder="concept-test", size=64, fit="crop",
+                                            alpha_as_mask=True).args
+    assert len(dataset.images) == count
     assert "c_broken.png" in caplog.text
     assert count == 2 and images.shape == (2, 64, 64, 3) and masks.shape == (2, 64, 64)
     rot = images[0]
@@ -243,9 +244,10 @@ def test_load_concept_images(comfyui, caplog):
     with pytest.raises(ValueError, match="folder: give a folder"):
         run(comfyui, n.LoadConceptImages, folder="", size=64, fit="crop", alpha_as_mask=True)
     batch = _images(n=3, size=80)
-    out_images, out_masks, c = run(comfyui, n.LoadConceptImages, folder="", size=64, fit="pad", alpha_as_mask=True,
-                                   images=batch).args
+    out_images, out_masks, c, out_dataset = run(comfyui, n.LoadConceptImages, folder="", size=64, fit="pad",
+                                                alpha_as_mask=True, images=batch).args
     assert c == 3 and out_images.shape == (3, 64, 64, 3) and out_masks.shape == (3, 64, 64)
+    assert len(out_dataset.images) == 3
 
 
 def test_masks_weight_the_loss(comfyui, sd2):

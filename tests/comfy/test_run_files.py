@@ -44,10 +44,10 @@ def _messages(sent):
 def _train(comfyui, sd2, name, *, steps=STEPS, if_exists="overwrite", lr=0.0, checkpoint_every=0, seed=3):
     nodes = _nodes(comfyui)
     init = run(comfyui, nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
-    return run(comfyui, nodes["TrainTextualInversion"], model=sd2.model, clip=sd2.clip, vae=sd2.vae,
-               images=_images(), init=init, name=name, method="vanilla", steps=steps, batch_size=1,
-               learning_rate=lr, seed=seed, templates="object", custom_templates="", if_exists=if_exists,
-               checkpoint_every=checkpoint_every, flip=True)
+    return run(comfyui, nodes["TrainTextualInversion"], **harness.train_inputs(
+        model=sd2.model, clip=sd2.clip, vae=sd2.vae, images=_images(), init=init, name=name, method="vanilla",
+        steps=steps, batch_size=1, learning_rate=lr, seed=seed, if_exists=if_exists,
+        checkpoint_every=checkpoint_every))
 
 
 def _cancel_at(comfyui, monkeypatch, step):

@@ -8,6 +8,7 @@ repository, so nothing is written into the ComfyUI checkout. Events are read fro
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools import harness
 from devtools import server_process as sp
 
 RUN_TIMEOUT = 900
@@ -66,9 +68,15 @@ def _workflow(ckpt: str, name: str, steps: int, if_exists: str = "error", checkp
         "4": {"class_type": "InversionTrainTextualInversion",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "init": ["3", 0],
                          "masks": ["2", 1], "name": name, "method": "adaptive", "steps": steps, "batch_size": 1,
-                         "learning_rate": 0.0, "seed": 0, "templates": "object", "custom_templates": "",
-                         "if_exists": if_exists, "checkpoint_every": checkpoint_every}},
+                         "learning_rate": 0.0, "seed": 0, "if_exists": if_exists, "options": ["5", 0]}},
+        "5": {"class_type": "InversionTrainingOptions", "inputs": _option_widgets(checkpoint_every=checkpoint_every)},
     }
+
+
+def _option_widgets(**over) -> dict:
+    """Every widget of the Training Options node (an API prompt names them all), defaults unless given."""
+    node = importlib.import_module(f"{harness.PACK_MODULE}.nodes.options_nodes").TrainingOptionsNode
+    return {**{i.id: i.default for i in node.define_schema().inputs}, **over}
 
 
 async def _run_prompt(url: str, prompt: dict, interrupt_after_step: int | None = None) -> dict:
