@@ -4,7 +4,8 @@
   multi-token initialisation of *An Image is Worth One Sentence* (seeds/001), where the text is a
   caption or class label of the concept image and k = its number of tokens;
 - ``from_word``: one word's token row repeated k times (vanilla TI's "initializer token");
-- ``random_init``: random directions scaled to the vocabulary's mean norm.
+- ``random_init``: random directions scaled to the vocabulary's mean norm;
+- ``word_rows``: which rows of a text's init stand for a given word (DTI's class-word rows).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from .embedding import LearnedEmbedding
 from .host import TextEncoder
 
-__all__ = ["from_text", "from_word", "random_init", "vocab_mean_norm", "make_embedding", "text_tokens"]
+__all__ = ["from_text", "from_word", "random_init", "vocab_mean_norm", "make_embedding", "text_tokens",
+           "word_rows"]
 
 
 def _encoders(text_side_or_encoders) -> Sequence[TextEncoder]:
@@ -53,6 +55,18 @@ def from_text(text_side, text: str, max_vectors: int = 74) -> dict[str, torch.Te
         raise ValueError(f"init text {text!r} tokenises to different lengths per encoder {counts}; "
                          "use a simpler text")
     return out
+
+
+def word_rows(encoder: TextEncoder, text: str, word: str) -> list[int]:
+    """Positions of ``word``'s token sequence inside ``text``'s tokens (every occurrence, in order).
+
+    With ``from_text`` the init's row i is token i of the text, so these are the rows that stand
+    for the word: "a red toy" and "toy" give [2]; a word the text does not contain gives []."""
+    ids, sub = encoder.tokenize(text), encoder.tokenize(word)
+    if not sub:
+        return []
+    n = len(sub)
+    return [j for i in range(len(ids) - n + 1) if ids[i:i + n] == sub for j in range(i, i + n)]
 
 
 def from_word(text_side, word: str, k: int = 1) -> dict[str, torch.Tensor]:

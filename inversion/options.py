@@ -25,7 +25,7 @@ class TrainingOptions:
 
     method: MethodParams = field(default_factory=MethodParams)  # interval, single t, window, bins, kappa, class word
     l2_weight: float = 0.0  # seeds/003's L2 on the vectors' norm; 0 = off
-    contrastive_weight: float = 0.0  # seeds/003's nearest-neighbour contrastive term; 0 = off
+    contrastive_weight: float = 0.0  # nearest-neighbour contrast (seeds/003 Eq. 2, or its one-concept form); 0 = off
     lr_schedule: str = "constant"  # TI's published runs use a constant rate
     warmup_steps: int = 0  # optimiser steps of linear warm-up
     grad_accum: int = 1  # micro-batches per optimiser step (a larger batch without the memory)
@@ -37,6 +37,7 @@ class TrainingOptions:
     checkpoint_every: int = 100  # save embedding + state every N steps; 0 = only at the end
     precision: str = "auto"  # auto (the model's own: fp16 gets dynamic loss scaling) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30 % slower
+    l2_init_weight: float = 0.0  # seeds/003 Sec. 3.4's L2 pull toward the initial vectors; 0 = off
 
     def validate(self) -> "TrainingOptions":
         if self.precision not in PRECISIONS:
@@ -47,8 +48,8 @@ class TrainingOptions:
             raise ValueError(f"templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
         if self.warmup_steps < 0 or self.grad_accum < 1 or self.checkpoint_every < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps, checkpoint_every and max_grad_norm must be >= 0, grad_accum >= 1")
-        if self.l2_weight < 0 or self.contrastive_weight < 0:
-            raise ValueError("l2_weight and contrastive_weight must be >= 0")
+        if self.l2_weight < 0 or self.contrastive_weight < 0 or self.l2_init_weight < 0:
+            raise ValueError("l2_weight, contrastive_weight and l2_init_weight must be >= 0")
         a, b = self.method.interval
         if a > b:
             raise ValueError(f"interval_start ({a}) must not exceed interval_end ({b})")

@@ -23,11 +23,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .init import from_word, vocab_mean_norm
+from .init import from_word, vocab_mean_norm, word_rows
 from .optim import AdamW, ProjectedAdamW, RiemannianSGD, VectorOptimizer
 from .timesteps import Adaptive, Interval, Single, TimestepSampler, Uniform, high_grad
 
-__all__ = ["PRESETS", "Preset", "MethodParams", "Method", "build_method", "describe_presets"]
+__all__ = ["PRESETS", "Preset", "MethodParams", "Method", "build_method", "describe_presets", "prior_directions"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,14 @@ class MethodParams:
     bins: int = 20  # for "adaptive": timestep bins of the running g(t) estimate
     explore: float = 0.1  # for "adaptive": uniform mass mixed in so every bin stays measured
     kappa: float = 1e-4  # for DTI: vMF concentration, the paper's default
-    class_word: str = ""  # for DTI: the prior direction mu; empty = the initial vectors' direction
+    class_word: str = ""  # for DTI: mu of the vector(s) standing for the class; empty = each row's own init
     norm_scale: float = 1.0  # for DTI: m* = norm_scale x the vocabulary's mean norm (paper: 1)
     dti_beta: float = 0.0  # for DTI: EMA of squared gradient norms (authors' code; 0 = plain normalisation)
 
 
 SamplerFactory = Callable[[MethodParams, int, object], TimestepSampler]  # (params, T, profile or None)
-OptimizerFactory = Callable[[object, MethodParams, "dict[str, torch.Tensor] | None"], VectorOptimizer]
+# (text side, params, initial vectors or None, init text or None)
+OptimizerFactory = Callable[[object, MethodParams, "dict[str, torch.Tensor] | None", "str | None"], VectorOptimizer]
 
 
 def _uniform(p: MethodParams, T: int, profile) -> TimestepSampler:
@@ -73,32 +74,72 @@ def _adaptive(p: MethodParams, T: int, profile) -> TimestepSampler:
     return Adaptive(T, bins=p.bins, explore=p.explore, profile=profile)
 
 
-def _directional_parts(text_side, params: MethodParams, init: dict[str, torch.Tensor] | None
-                       ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+def prior_directions(text_side, init: dict[str, torch.Tensor], init_text: str | None = None,
+                     class_word: str = "") -> dict[str, torch.Tensor]:
+    """DTI's vMF prior direction mu for every learned vector, per encoder (seeds/002).
+
+    The DTI authors pull each vector toward the normalised embedding of the token it started
+    from; a class word (their 'dog' example) is the direction only of the vector that stands for
+    the class. So, with ``init`` [k, d] per encoder (the optimiser normalises each row):
+
+    - no class word: each row's mu is its own initial vector;
+    - a class word and an init of one vector per token of ``init_text`` (Caption Init,
+      ``init.from_text``): the rows whose tokens are the class word's tokens (``init.word_rows``,
+      e.g. "toy" in "a red toy") get those tokens' embeddings and every other row keeps its own
+      initial vector, so "a" and "red" are not pulled toward "toy". A class word the text does not
+      contain ("dog" for "a plush toy") goes to the last row, the head noun of an English noun
+      phrase (and the only row when k = 1);
+    - a class word and rows that are not the text's tokens (a word repeated k times, a random
+      init, no ``init_text``): every row, since each stands for the whole concept.
+
+    A class word of several tokens contributes the mean of its rows where it is not matched
+    token by token (``init.from_word``).
+    """
+    word = class_word.strip()
+    out = {key: v.detach().float().clone() for key, v in init.items()}
+    if not word:
+        return out
+    whole = from_word(text_side, word, 1)
+    for enc in text_side.encoders:
+        if enc.key not in out:
+            continue
+        mu, k = out[enc.key], out[enc.key].shape[0]
+        ids = enc.tokenize(init_text) if init_text else []
+        if len(ids) != k:  # the rows are not the text's tokens: each stands for the concept
+            mu[:] = whole[enc.key][0]
+            continue
+        rows = word_rows(enc, init_text, word)
+        if rows:
+            table = enc.token_table().detach()
+            mu[rows] = table[torch.tensor([ids[r] for r in rows], device=table.device)].float().cpu().to(mu.device)
+        else:
+            mu[-1] = whole[enc.key][0]
+    return out
+
+
+def _directional_parts(text_side, params: MethodParams, init: dict[str, torch.Tensor] | None,
+                       init_text: str | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     if params.norm_scale <= 0:
         raise ValueError(f"norm_scale must be > 0, got {params.norm_scale}")
     norms = {e.key: vocab_mean_norm(e) * params.norm_scale for e in text_side.encoders}
-    if params.class_word.strip():
-        if init is None:
+    if init is None:
+        if params.class_word.strip():
             raise ValueError("the vMF prior needs the initial vectors to know k")
-        k = next(iter(init.values())).shape[0]
-        mu = from_word(text_side, params.class_word.strip(), k)
-    else:
-        mu = None if init is None else {kk: v.detach().float().clone() for kk, v in init.items()}
-    return norms, mu
+        return norms, None
+    return norms, prior_directions(text_side, init, init_text, params.class_word)
 
 
-def _adamw(text_side, p: MethodParams, init) -> VectorOptimizer:
+def _adamw(text_side, p: MethodParams, init, init_text=None) -> VectorOptimizer:
     return AdamW()
 
 
-def _rsgd(text_side, p: MethodParams, init) -> VectorOptimizer:
-    norms, mu = _directional_parts(text_side, p, init)
+def _rsgd(text_side, p: MethodParams, init, init_text=None) -> VectorOptimizer:
+    norms, mu = _directional_parts(text_side, p, init, init_text)
     return RiemannianSGD(norms, mu, p.kappa, beta=p.dti_beta)
 
 
-def _padamw(text_side, p: MethodParams, init) -> VectorOptimizer:
-    norms, mu = _directional_parts(text_side, p, init)
+def _padamw(text_side, p: MethodParams, init, init_text=None) -> VectorOptimizer:
+    norms, mu = _directional_parts(text_side, p, init, init_text)
     return ProjectedAdamW(norms, mu, p.kappa)
 
 
@@ -156,11 +197,14 @@ def describe_presets() -> str:
 
 
 def build_method(name: str, text_side, num_timesteps: int, params: MethodParams = MethodParams(), *,
-                 profile=None, init_vectors: dict[str, torch.Tensor] | None = None) -> Method:
+                 profile=None, init_vectors: dict[str, torch.Tensor] | None = None,
+                 init_text: str | None = None) -> Method:
     """The sampler and optimiser of preset ``name``.
 
     ``profile``: a ``GradProfile`` (needed by the high-grad presets; seeds the adaptive ones).
-    ``init_vectors``: the run's initial ``{key: [K, d]}`` (the DTI prior's fallback direction and k).
+    ``init_vectors``: the run's initial ``{key: [K, d]}``: each row's own DTI prior direction.
+    ``init_text``: the text the init was built from (its metadata's ``init_text``): tells which
+    rows the class word stands for (``prior_directions``).
     """
     preset = PRESETS.get(name)
     if preset is None:
@@ -169,7 +213,7 @@ def build_method(name: str, text_side, num_timesteps: int, params: MethodParams 
         sampler = preset.make_sampler(params, num_timesteps, profile)
     except ValueError as e:
         raise ValueError(f"method {name!r} {e}" if str(e).startswith("needs") else f"method {name!r}: {e}") from None
-    optimizer = preset.make_optimizer(text_side, params, init_vectors)
+    optimizer = preset.make_optimizer(text_side, params, init_vectors, init_text)
     return Method(name, sampler, optimizer, preset.lr, preset.description)
 
 

@@ -417,6 +417,7 @@ class Trainer:
         self.vocab_norm = {k: _max_row_norm(t) for k, t in self.tables.items()}
         # The only trainable tensors: one [K_total, d] leaf per encoder.
         self.params = {k: v.requires_grad_(True) for k, v in self.data.initial_vectors().items()}
+        self.initial = self.data.initial_vectors()  # v0 for regularisers that pull back toward the init
         self.history = TrainHistory()
         self.step = 0
         self.scaler = DynamicLossScale() if self.config.loss_scale == "dynamic" else None
@@ -497,10 +498,11 @@ class Trainer:
         return (loss.detach(), g.cpu()), d.t, d.prompts
 
     def _reg_loss(self) -> torch.Tensor | None:
-        if not self.regularizers:
+        active = [r for r in self.regularizers if r.weight]
+        if not active:  # none, or all at weight 0 (a Python 0 is no tensor)
             return None
-        ctx = RegContext(self.tables, self.rows)
-        return sum(r(self.params, ctx) for r in self.regularizers if r.weight)
+        ctx = RegContext(self.tables, self.rows, self.initial)
+        return sum(r(self.params, ctx) for r in active)
 
     def _clip(self) -> None:
         if self.config.max_grad_norm > 0:

@@ -271,3 +271,48 @@ def test_high_grad_without_profile_is_a_clear_error(tiny):
         build_method("high_grad", tiny.text, 1000)
     with pytest.raises(ValueError, match="unknown method"):
         build_method("fastest", tiny.text, 1000)
+
+
+# ---- DTI prior per vector (issue 13) ----------------------------------------------------------
+
+def _mu(tiny, init_text=None, class_word="", **init):
+    emb = make_embedding(tiny.text, "c", init_text=init_text, **init)
+    m = build_method("directional", tiny.text, 1000, MethodParams(class_word=class_word),
+                     init_vectors=emb.vectors, init_text=emb.metadata["init_text"] or None)
+    return m.optimizer.mu["clip_l"]
+
+
+def _dirs(tiny, words):
+    table = tiny.encoder.token_table().detach().float()
+    return torch.nn.functional.normalize(table[[tiny.encoder.tokenize(w)[0] for w in words]], dim=-1)
+
+
+def test_dti_class_word_pulls_only_its_own_row(tiny):
+    """'a red toy' + class word 'toy': only the row of 'toy' is pulled toward 'toy'; 'a' and 'red' toward
+    themselves (seeds/002's per-token prior), not all three toward the class word."""
+    mu = _mu(tiny, "a red toy", "toy")
+    assert torch.allclose(mu, _dirs(tiny, ["a", "red", "toy"]), atol=1e-6)
+    assert not torch.allclose(mu[0], _dirs(tiny, ["toy"])[0], atol=1e-3)
+
+
+def test_dti_without_class_word_every_row_keeps_its_own_direction(tiny):
+    emb = make_embedding(tiny.text, "c", init_text="a red toy")
+    assert torch.allclose(_mu(tiny, "a red toy"), torch.nn.functional.normalize(emb.vectors["clip_l"], dim=-1))
+
+
+def test_dti_class_word_for_one_token_absent_and_repeated_inits(tiny):
+    assert torch.allclose(_mu(tiny, "car", "dog"), _dirs(tiny, ["dog"]), atol=1e-6)  # k = 1: the class word
+    # absent from the text: the last row (the head noun) takes it, the others keep their tokens
+    assert torch.allclose(_mu(tiny, "a red car", "dog"), _dirs(tiny, ["a", "red", "dog"]), atol=1e-6)
+    # a word repeated k times: every row stands for the concept
+    assert torch.allclose(_mu(tiny, None, "dog", init_word="car", k=3), _dirs(tiny, ["dog"] * 3), atol=1e-6)
+
+
+def test_dti_prior_rows_per_encoder_sdxl(tiny_sdxl):
+    emb = make_embedding(tiny_sdxl.text, "c", init_text="a red toy")
+    m = build_method("directional", tiny_sdxl.text, 1000, MethodParams(class_word="dog"), init_vectors=emb.vectors,
+                     init_text="a red toy")
+    for enc in tiny_sdxl.text.encoders:
+        table = torch.nn.functional.normalize(enc.token_table().detach().float(), dim=-1)
+        want = table[[enc.tokenize(w)[0] for w in ("a", "red", "dog")]]
+        assert torch.allclose(m.optimizer.mu[enc.key], want, atol=1e-6)
