@@ -13,6 +13,8 @@ one show the same numbers.
 - ``profile_chart(profile)``: a gradient-norm profile g(t) (seeds/000 Eq. 4), its per-bin mean with
   a +-std band, and the high-grad window (the best window of seeds/000 Sec. 3) highlighted.
 - ``similarity_chart(values)``: OVI's cosine-similarity curve over optimisation steps (seeds/004).
+- ``inspect_chart(rows)``: each learned vector's norm over the vocabulary's norm distribution, and
+  its cosine to the final vector across a run's snapshots.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "ema", "nice_ticks", "font", "to_image"]
+__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
+           "font", "to_image"]
 
 # A light theme: these images end up in previews, saved PNGs and READMEs.
 BACKGROUND = (255, 255, 255)
@@ -530,3 +533,87 @@ def curves_chart(series: Mapping[str, Sequence[float]], x: Sequence[float], *,
         y += 18
     return to_image(img)
 
+
+# --------------------------------------------------------------------------- inspect an embedding
+
+def inspect_chart(rows: Sequence[Mapping[str, Any]], *, title: str = "Inspect embedding", width: int = 768,
+                  height: int | None = None) -> torch.Tensor:
+    """Each learned vector's norm over its vocabulary's norm distribution and, when a run saved
+    snapshots, its cosine to the final vector over steps; an image [H, W, 3] in [0, 1].
+
+    ``rows``: one mapping per vector (``inversion.inspect.VectorReport.chart_row``): ``label``,
+    ``norm``, ``percentile``, ``band`` (the vocabulary's min, 5 %, median, 95 %, max norms) and
+    optional ``drift_step`` / ``drift_cosine``. Per vector the grey line spans min to max, the band
+    5 % to 95 %, the tick is the median and the bar the vector's norm (red outside 5-95 %).
+    ``height`` defaults to what the rows need.
+    """
+    rows = [dict(r) for r in rows]
+    drift = [(r.get("label", ""), _floats(r.get("drift_step")), _floats(r.get("drift_cosine"))) for r in rows]
+    drift = [(label, s, c) for label, s, c in drift if _finite(c) and len(s) == len(c)]
+    row_h, top = 22, 62
+    norm_bottom = top + max(1, len(rows)) * row_h
+    need = norm_bottom + 44 + (270 if drift else 0)
+    img, d = _canvas(width, height if height is not None else max(160, need), "inspect chart")
+    d.text((12, 8), title, fill=TEXT, font=font(15))
+    small = font(11)
+    labels = [str(r.get("label", "")) for r in rows]
+    label_w = max([int(d.textlength(s, font=small)) for s in labels] + [40]) + 34
+    box = (label_w, top, width - 110, norm_bottom)
+    if not rows:
+        _message(d, box, "no vectors")
+        return to_image(img)
+    bands = [(_floats(r.get("band")) + [math.nan] * 5)[:5] for r in rows]
+    norms = _floats(r.get("norm") for r in rows)
+    hi = max(_finite([x for b in bands for x in b] + norms) or [1.0]) * 1.05
+    ax = _Axes(d, box, (0.0, hi), (0.0, float(len(rows))))
+    d.rectangle(box, fill=PANEL)
+    ticks = [t for t in nice_ticks(0.0, hi, n=max(3, (box[2] - box[0]) // 80)) if 0.0 <= t <= hi]
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else hi
+    for t in ticks:
+        x = ax.px(t)
+        d.line([(x, box[1]), (x, box[3])], fill=GRID)
+        d.line([(x, box[3]), (x, box[3] + 4)], fill=FRAME)
+        d.text((x, box[3] + 6), _fmt(t, step), fill=MUTED, font=small, anchor="ma")
+    d.text((box[0], top - 6), "vector norm over the vocabulary's norms (line: min-max, band: 5-95%, tick: median)",
+           fill=TEXT, font=font(13), anchor="ld")
+    d.text(((box[0] + box[2]) / 2, box[3] + 22), "norm", fill=MUTED, font=small, anchor="ma")
+    for i, (r, band, n) in enumerate(zip(rows, bands, norms)):
+        y = box[1] + (i + 0.5) * row_h
+        color = PALETTE[i % len(PALETTE)]
+        d.rectangle([8, y - 4, 16, y + 4], fill=color)  # the key of its drift curve below
+        d.text((box[0] - 8, y), labels[i], fill=TEXT, font=small, anchor="rm")
+        lo, p5, med, p95, top_n = band
+        if math.isfinite(p5) and math.isfinite(p95):
+            d.rectangle([ax.px(p5), y - 6, max(ax.px(p5) + 1, ax.px(p95)), y + 6], fill=BAND)
+        if math.isfinite(lo) and math.isfinite(top_n):  # whisker with end caps: visible over the bar too
+            d.line([(ax.px(lo), y + 5), (ax.px(top_n), y + 5)], fill=FRAME, width=1)
+            for end in (lo, top_n):
+                d.line([(ax.px(end), y + 1), (ax.px(end), y + 9)], fill=FRAME, width=1)
+        if math.isfinite(med):
+            d.line([(ax.px(med), y - 8), (ax.px(med), y + 8)], fill=MUTED, width=2)
+        if math.isfinite(n):
+            outside = math.isfinite(p5) and math.isfinite(p95) and not p5 <= n <= p95
+            d.rectangle([ax.px(0.0), y - 3, max(ax.px(0.0) + 1, ax.px(min(n, hi))), y + 2],
+                        fill=TARGET if outside else NORM)
+            pct = _finite([r.get("percentile")])
+            d.text((box[2] + 8, y), f"{n:.3g}" + (f"  p{pct[0]:.0f}" if pct else ""), fill=TEXT, font=small,
+                   anchor="lm")
+    d.rectangle(box, outline=FRAME)
+    if drift:
+        dbox = (label_w, norm_bottom + 76, width - 110, norm_bottom + 76 + 190)
+        steps = [x for _, s, _ in drift for x in s]
+        cos = [y for _, _, c in drift for y in c]
+        lo_c, hi_c = _limits(cos + [1.0])
+        dax = _Axes(d, dbox, (min(steps), max(steps)) if len(set(steps)) > 1 else (steps[0] - 1, steps[0] + 1),
+                    (lo_c, min(hi_c, 1.02)))
+        dax.frame("cosine to the final vector, per snapshot", "step", xint=True)
+        keyed = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+        for label, s, c in drift:
+            dax.line(s, c, keyed.get(label, SMOOTH), width=2)
+            for xx, yy in zip(s, c):
+                if math.isfinite(yy):
+                    px, py = dax.px(xx), dax.py(min(max(yy, dax.ylim[0]), dax.ylim[1]))
+                    d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=keyed.get(label, SMOOTH))
+        if len(drift) <= 4:
+            dax.legend([(label, keyed.get(label, SMOOTH)) for label, _, _ in drift])
+    return to_image(img)
