@@ -1,4 +1,4 @@
-"""Using and sharing learned embeddings: Apply (in memory), Save, Load, Slerp."""
+"""Using and sharing learned embeddings: Apply (in memory), Save, Load, Slerp, Inspect."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..inversion import formats
+from ..inversion import charts, formats
+from ..inversion import inspect as inspection
 from ..inversion.checkpoint import STATE_SUFFIX
 from ..inversion.embedding import validate_name
 from ..inversion.interpolate import slerp_embeddings
-from .comfy_embed import clip_with_embedding
+from .comfy_embed import check_embedding_fits, clip_with_embedding
+from .comfy_host import comfy_text_side, encoder_keys
 from .comfy_run import embedding_path
+from .run_files import runs_dir
 from .types import EmbeddingType
 
-__all__ = ["NODES", "ApplyLearnedEmbedding", "SaveEmbedding", "LoadEmbedding", "EmbeddingSlerp"]
+__all__ = ["NODES", "ApplyLearnedEmbedding", "SaveEmbedding", "LoadEmbedding", "EmbeddingSlerp", "InspectEmbedding"]
 
 CATEGORY = "inversion/embeddings"
 FORMATS = ["auto", "single", "sdxl", "diffusers"]
@@ -153,4 +156,118 @@ class EmbeddingSlerp(io.ComfyNode):
         return io.NodeOutput(slerp_embeddings(a, b, alpha, validate_name(name.strip()) if name.strip() else None))
 
 
-NODES = [ApplyLearnedEmbedding, SaveEmbedding, LoadEmbedding, EmbeddingSlerp]
+FROM_INPUT = "(from the embedding input)"
+
+
+def _run_folders(emb) -> list:
+    """The training-run folders that may hold this embedding's snapshots: its name, then the name saved in it."""
+    names = [emb.name, emb.metadata.get("stored_name", "")]
+    return [runs_dir() / n for n in dict.fromkeys(names) if n and (runs_dir() / n).is_dir()]
+
+
+def _runs_mtime() -> str:
+    """Changes when a run writes a state, an unfinished embedding or a snapshot."""
+    root = runs_dir()
+    if not root.is_dir():
+        return "-"
+    files = list(root.glob("*/*.safetensors")) + list(root.glob("*/snapshots/*.safetensors"))
+    return f"{len(files)}:{max((os.path.getmtime(p) for p in files), default=0.0)}"
+
+
+class InspectEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InversionInspectEmbedding",
+            display_name="Inspect Embedding (Inversion)",
+            category=CATEGORY,
+            description="What an embedding has become, per vector and text encoder: its norm against the "
+                        "vocabulary's norms, its cosine to the vector it started from, the nearest vocabulary "
+                        "words, and its drift across the training run's snapshots. Reads any embedding file the "
+                        "pack loads (A1111 .pt, diffusers, SDXL clip_l/clip_g, ...).",
+            is_output_node=True,
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the model family the embedding belongs to: its token "
+                              "table and tokenizer give the words and the norms."),
+                EmbeddingType.Input("embedding", optional=True,
+                                    tooltip="The embedding to inspect (from the trainer, Load or Slerp). Used "
+                                    f"when file is {FROM_INPUT}."),
+                io.Combo.Input("file", options=[FROM_INPUT] + _embedding_files(), default=FROM_INPUT,
+                               tooltip="Or a file in models/embeddings, read as Load Embedding reads it. A file "
+                               "chosen here is inspected instead of the embedding input."),
+                io.Int.Input("neighbours", default=5, min=1, max=50,
+                             tooltip="How many nearest vocabulary words to list per vector (by cosine)."),
+            ],
+            outputs=[
+                io.String.Output("report", display_name="report",
+                                 tooltip="The report: one block per text encoder, one line per vector."),
+                io.Image.Output("chart", display_name="chart",
+                                tooltip="Each vector's norm over the vocabulary's norm band; cosine to the final "
+                                "vector over the run's snapshots, when there are any."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, file=FROM_INPUT, **_):
+        path = None if file == FROM_INPUT else folder_paths.get_full_path("embeddings", file)
+        mtime = f"{os.path.getmtime(path)}:{os.path.getsize(path)}" if path else "-"
+        return f"{mtime}|{_runs_mtime()}"
+
+    @classmethod
+    def validate_inputs(cls, file=FROM_INPUT, **_):
+        if file != FROM_INPUT and folder_paths.get_full_path("embeddings", file) is None:
+            return f"file: {file!r} is not in models/embeddings"
+        return True
+
+    @classmethod
+    def execute(cls, clip, file, neighbours, embedding=None) -> io.NodeOutput:
+        emb, notes = _embedding_to_inspect(clip, embedding, file)
+        check_embedding_fits(clip, emb)
+        text_side = comfy_text_side(clip)
+        vocabs = [inspection.Vocabulary(e.key, e.token_table(), inspection.hf_decoder(e.tokenizer.tokenizer))
+                  for e in text_side.encoders]
+        initial, how = inspection.initial_vectors(emb, text_side)
+        notes.append(f"initial vectors: {how}")
+        snapshots = _snapshots(emb, notes)
+        reports = inspection.inspect_embedding(emb, vocabs, initial, snapshots, k=int(neighbours))
+        report = inspection.format_report(reports, emb, notes)
+        chart = charts.inspect_chart([r.chart_row() for r in reports], title=f"Inspect {emb.name}")[None]
+        return io.NodeOutput(report, chart, ui={"text": [report]})
+
+
+def _embedding_to_inspect(clip, embedding, file) -> tuple:
+    """The embedding Inspect Embedding looks at (the file when one is chosen), and the report's first notes."""
+    if file == FROM_INPUT:
+        if embedding is None:
+            raise ValueError(f"embedding: connect an embedding, or choose a file instead of {FROM_INPUT}")
+        return embedding, []
+    path = folder_paths.get_full_path_or_raise("embeddings", file)
+    emb = formats.load_embedding(path, name_from_file=True)
+    keys = encoder_keys(clip)
+    if "encoder_key_note" in emb.metadata and len(keys) == 1:
+        # A one-tensor file of a width no standard CLIP has: it can only be meant for this CLIP's encoder.
+        emb = formats.load_embedding(path, name_from_file=True, encoder_key=keys[0])
+    ignored = ["(the embedding input is ignored: a file is chosen)"] if embedding is not None else []
+    return emb, [f"file: {file}"] + ignored
+
+
+def _snapshots(emb, notes: list[str]) -> list:
+    """The run's earlier vectors of this embedding's shape, from its training-run folder; notes say what was found."""
+    folders = _run_folders(emb)
+    for folder in folders:
+        found, skipped = inspection.load_snapshots(folder, folder.name)
+        notes.extend(f"snapshot {s}" for s in skipped)
+        fits = [s for s in found
+                if all(k in s.vectors and s.vectors[k].shape == v.shape for k, v in emb.vectors.items())]
+        if len(fits) < len(found):
+            notes.append(f"snapshots: {len(found) - len(fits)} in {folder} skipped (other encoders or number of "
+                         "vectors: another concept of that name?)")
+        if fits:
+            notes.append(f"snapshots: {len(fits)} in {folder} (steps {', '.join(str(s.step) for s in fits)})")
+            return fits
+    where = folders[0] if folders else runs_dir() / emb.name
+    notes.append(f"snapshots: none in {where}")
+    return []
+
+
+NODES = [ApplyLearnedEmbedding, SaveEmbedding, LoadEmbedding, EmbeddingSlerp, InspectEmbedding]

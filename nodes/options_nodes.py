@@ -49,12 +49,20 @@ class TrainingOptionsNode(io.ComfyNode):
                                tooltip="directional methods: strength of the vMF prior toward each vector's "
                                "prior direction."),
                 io.String.Input("class_word", default=_M.class_word,
-                                tooltip="directional methods: prior direction, e.g. 'dog'. Empty = the init's "
-                                "class word (Caption Init), else the initial vectors."),
+                                tooltip="directional methods: the class word, e.g. 'dog', whose direction the vMF "
+                                "prior pulls toward. Every other vector is pulled toward its own initial token. "
+                                "It applies to the init's vectors whose tokens are the class word's (the 'toy' of "
+                                "'a red toy'); if the init text does not contain it, to the last vector (the head "
+                                "noun), or the only one; if the vectors are not the init text's tokens (a word "
+                                "repeated, random), to all of them. Empty = the init's class word (Caption Init), "
+                                "else no class word: each vector keeps its own initial direction."),
                 io.Float.Input("l2_weight", default=_D.l2_weight, min=0.0, max=10.0, step=1e-5, round=False,
                                tooltip="L2 penalty on the vectors' norm (seeds/003); 0 = off."),
                 io.Float.Input("contrastive_weight", default=_D.contrastive_weight, min=0.0, max=10.0, step=1e-4,
-                               round=False, tooltip="Nearest-neighbour contrastive regulariser (seeds/003); 0 = off."),
+                               round=False, tooltip="Nearest-neighbour vocabulary contrast, adapted from seeds/003 Eq. 2 "
+                               "for a single concept (this node trains one): pulls each vector toward its 5 "
+                               "nearest real tokens against the rest of the vocabulary (cosine, tau 0.07). It is "
+                               "not Eq. 2 itself, whose negatives are other concepts trained together; 0 = off."),
                 io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=_D.lr_schedule,
                                tooltip="Learning rate after warm-up: constant, or decaying linearly / on a cosine "
                                "to 0 at the last step."),
@@ -92,6 +100,10 @@ class TrainingOptionsNode(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=_D.gradient_checkpointing,
                                  tooltip="Recompute the UNet's activations in the backward pass: much less memory "
                                  "(SDXL on 8-12 GB cards), slower steps."),
+                io.Float.Input("l2_init_weight", default=_D.l2_init_weight, min=0.0, max=10.0, step=1e-4,
+                               round=False, tooltip="L2 pull of each vector back toward its initial vector, "
+                               "w * sum ||v - v0||^2 (seeds/003's tuning-phase regulariser, with the init as the "
+                               "encoder's prediction): keeps the concept near the init's words; 0 = off."),
             ],
             outputs=[OptionsType.Output("options", display_name="options",
                                         tooltip="Wire into Train Textual Inversion (and Gradient Norm Profiler).")],
@@ -101,7 +113,7 @@ class TrainingOptionsNode(io.ComfyNode):
     def execute(cls, interval_start, interval_end, single_t, window, adaptive_bins, kappa, class_word, l2_weight,
                 contrastive_weight, lr_schedule, warmup_steps, grad_accum, max_grad_norm, flip, templates,
                 custom_templates, caption_shuffle, caption_keep, caption_dropout, checkpoint_every, precision,
-                gradient_checkpointing) -> io.NodeOutput:
+                gradient_checkpointing, l2_init_weight=_D.l2_init_weight) -> io.NodeOutput:
         options = TrainingOptions(
             method=MethodParams(interval=(interval_start, interval_end), single_t=single_t, window=window,
                                 bins=adaptive_bins, kappa=kappa, class_word=class_word.strip()),
@@ -110,6 +122,7 @@ class TrainingOptionsNode(io.ComfyNode):
             templates=templates, custom_templates=custom_templates,
             captions=CaptionOptions(shuffle=caption_shuffle, keep=caption_keep, dropout=caption_dropout),
             checkpoint_every=checkpoint_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            l2_init_weight=l2_init_weight,
         ).validate()
         options.template_list()  # a bad custom template is an error here, at the node that holds it
         return io.NodeOutput(options)

@@ -22,7 +22,7 @@ from ..inversion.optim import AdamW, RiemannianSGD
 from ..inversion.options import TrainingOptions
 from ..inversion.presets import PRESETS, MethodParams, build_method
 from ..inversion.profiler import profile_gradients
-from ..inversion.regularizers import L2Norm, NearestNeighborContrastive
+from ..inversion.regularizers import L2Norm, L2ToInit, contrastive
 from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_host, training_precision,
@@ -182,12 +182,15 @@ def _options(options) -> TrainingOptions:
     return options.validate()
 
 
-def _regularizers(l2_weight: float, contrastive_weight: float) -> list:
+def _regularizers(opts: TrainingOptions, num_concepts: int = 1) -> list:
+    """The options' regularisers; the contrast is Eq. 2 across concepts only when a run has several."""
     regs = []
-    if l2_weight > 0:
-        regs.append(L2Norm(l2_weight))
-    if contrastive_weight > 0:
-        regs.append(NearestNeighborContrastive(contrastive_weight))
+    if opts.l2_weight > 0:
+        regs.append(L2Norm(opts.l2_weight))
+    if opts.contrastive_weight > 0:
+        regs.append(contrastive(opts.contrastive_weight, num_concepts))
+    if opts.l2_init_weight > 0:
+        regs.append(L2ToInit(opts.l2_init_weight))
     return regs
 
 
@@ -272,9 +275,9 @@ class TrainTextualInversion(io.ComfyNode):
             config = _config(opts, steps=steps, batch_size=batch_size, seed=seed, lr=learning_rate or None,
                              autocast_dtype=autocast_dtype, loss_scale=loss_scale)
             m = build_method(method, host.text_side, host.denoiser.num_timesteps, params, profile=profile,
-                             init_vectors=concept.embedding.vectors)
+                             init_vectors=concept.embedding.vectors, init_text=init.metadata.get("init_text") or None)
             trainer = Trainer(host.text_side, host.denoiser, [concept], config, timesteps=m.sampler,
-                              optimizer=m.optimizer, regularizers=_regularizers(opts.l2_weight, opts.contrastive_weight),
+                              optimizer=m.optimizer, regularizers=_regularizers(opts),
                               resume=resume, checkpoint=files.checkpoint,
                               metadata={k: str(v) for k, v in metadata.items()})
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step)

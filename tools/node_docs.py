@@ -122,7 +122,7 @@ vector norm (with DTI's fixed norm m*). It comes back after a page reload.
 |---|---|
 | `adaptive` (default) | fastest convergence without a profiling run: t ~ g(t), measured while training |
 | `high_grad` | you ran Gradient Norm Profiler: trains on its best window |
-| `directional` | prompts must stay faithful (styles, scenes): fixed norm, Riemannian SGD, vMF prior to **class_word** |
+| `directional` | prompts must stay faithful (styles, scenes): fixed norm, Riemannian SGD, vMF prior toward each vector's initial token (**class_word** for the class word's vector) |
 | `adaptive_directional`, `high_grad_directional` | both at once |
 | `vanilla` | results comparable with A1111 / diffusers |
 | `interval`, `single_step` | the paper's baselines ([350, 450], t = 400, ...) |
@@ -149,9 +149,11 @@ a cancelled run leaves it as it was and keeps its own vectors in `models/inversi
 
 ## Regularisers
 
-Training Options' **l2_weight** penalises large vectors; **contrastive_weight** keeps each vector
-near real words (nearest-neighbour contrastive loss). Both help a concept combine with other words
-in prompts.
+Training Options' **l2_weight** penalises large vectors; **l2_init_weight** pulls each vector back
+toward its initial vector; **contrastive_weight** keeps each vector near real words: its nearest
+tokens against the rest of the vocabulary, a one-concept adaptation of the nearest-neighbour
+contrastive loss (Arar et al.'s Eq. 2 needs other concepts trained together as negatives). All help
+a concept combine with other words in prompts.
 
 ## If the concept does not show
 
@@ -173,7 +175,7 @@ which measures with the same templates and flip). Unconnected, the trainer uses 
 
 - **Method parameters**: interval_start / interval_end (interval), single_t (single_step),
   window (high_grad*), adaptive_bins (adaptive*), kappa and class_word (directional*).
-- **Regularisers**: l2_weight, contrastive_weight (0 = off).
+- **Regularisers**: l2_weight, contrastive_weight, l2_init_weight (0 = off).
 - **Schedule**: lr_schedule (constant, linear or cosine to 0 at the last step) after
   warmup_steps of linear warm-up; grad_accum micro-batches per step (an effective batch of
   batch_size x grad_accum without its memory); max_grad_norm clipping.
@@ -242,6 +244,36 @@ vectors. Directional TI embeddings blend most smoothly.
 
 Both embeddings must come from the same model family and have the same number of vectors.
 Sweep **alpha** from 0 to 1 for a morph between the concepts.
+""",
+        "paper": "002",
+    },
+    "InversionInspectEmbedding": {
+        "body": """\
+## What it shows
+
+One line per learned vector, one block per text encoder (SDXL: clip_l and clip_g):
+
+- **norm** against the norms of every word in the CLIP's vocabulary (min, 5 %, median, 95 %,
+  max) and its percentile among them. Far above the largest word's norm, the concept drowns out
+  the rest of the prompt; far below, it barely registers. Directional methods keep it at the
+  vocabulary's norm.
+- **cos to init**: the cosine to the vector training started from, recomputed from the init text
+  the pack's files record. Other trainers' files (A1111 `.pt`, diffusers, kohya) record none:
+  "unknown".
+- **nearest**: the vocabulary words closest in direction (cosine), what the vector "reads as".
+  A trailing `-` marks a word piece that continues into the next token ("dog-" as in "doggy").
+- **drift**: when the run's folder `models/inversion_runs/<name>/` holds earlier vectors
+  (`snapshots/step-000100.safetensors`, `state.safetensors`, an unfinished `<name>.safetensors`),
+  each one's cosine to the final vector and its norm, by step.
+
+The **chart** draws each norm over its vocabulary's band and, with snapshots, the cosine to the
+final vector over steps.
+
+## How to use
+
+Wire the CLIP of the model the embedding was trained for (an SDXL embedding needs an SDXL CLIP)
+and either connect an **embedding** (trainer, Load Embedding, Slerp) or pick a **file** in
+`models/embeddings`; a file picked here wins over the input. The report also shows in the node.
 """,
         "paper": "002",
     },
