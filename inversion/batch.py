@@ -218,6 +218,27 @@ class ConceptSet:
         cond = self.text.combine(outs)
         return cond if len(unique) == len(prompts) else cond.index(inverse)
 
+    def encode_per_sample(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor]
+                          ) -> tuple[Conditioning, dict[str, torch.Tensor]]:
+        """Encode every prompt (no sharing) on its own copy of ``vectors``; return the conditioning and,
+        per encoder, the copies [B, K, d] (seeds/000 Eq. 4's "tokens" reading, ``loss.token_grad_norms``).
+
+        Sample b's slots point at rows b*K .. b*K+K-1 of one [B*K, d] table, so a loss summed over
+        samples has, w.r.t. copy b, sample b's own gradient, and (through the copy) the sum of them
+        w.r.t. ``vectors``: the gradient ``encode`` would give. The cost: one encoder pass over all B
+        prompts instead of the distinct ones, and B copies of the rows (B*K*d numbers)."""
+        n = len(prompts)
+        outs, copies = [], {}
+        for enc in self.text.encoders:
+            v = vectors[enc.key]
+            k = v.shape[0]
+            ids, slots = self._tokens(enc, prompts)
+            shift = torch.arange(n, device=slots.device).unsqueeze(1) * k
+            copy = v.unsqueeze(0).expand(n, *v.shape).clone()
+            outs.append(enc.encode(ids, torch.where(slots >= 0, slots + shift, slots), copy.view(n * k, -1)))
+            copies[enc.key] = copy
+        return self.text.combine(outs), copies
+
     def _tokens(self, enc, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and slots of ``prompts``, tokenised once per distinct prompt for the whole run."""
         missing = [p for p in prompts if (enc.key, p) not in self._tok_cache]

@@ -8,11 +8,22 @@ Eq. 3's inner term per sample (over a loss mask, if any); ``conditioning_grad_no
 gradient of the summed loss w.r.t. c into each sample's Eq. 4 norm by the chain rule, so the
 trainer gets g for free from its own backward pass; ``grad_norms_at`` measures g alone (the
 profiler), with one forward and one backward pass of the denoiser and none of the text encoder.
+
+Eq. 4 has two readings (``G_READINGS``), both offered until the world v2 benchmark (issue 12)
+decides between them; "context" is the default:
+- "context": the gradient w.r.t. the text encoder's output c = c_theta(y(v)), [L, D] per sample
+  (Eq. 4 as written: ``conditioning_grad_norms``, ``grad_norms_at``);
+- "tokens": the gradient w.r.t. the learned token rows v themselves, the quantity the optimiser
+  steps along, "collected on the fly while performing TI" (Sec. 3 (2)): grad_v ||r|| =
+  J_c(v)^T grad_c ||r|| (``token_grad_norms``, ``token_grad_norms_at``). Per-sample gradients
+  w.r.t. rows that every sample shares need each sample to read its own copy of the rows
+  (``ConceptSet.encode_per_sample``); the one backward pass of the summed loss then gives each
+  copy its sample's gradient, and their sum is the rows' usual gradient.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -21,7 +32,10 @@ from .host import Conditioning, Denoiser
 if TYPE_CHECKING:
     from .batch import Draw
 
-__all__ = ["predict_eps", "per_sample_mse", "conditioning_grad_norms", "grad_norms_at"]
+__all__ = ["G_READINGS", "predict_eps", "per_sample_mse", "conditioning_grad_norms", "grad_norms_at",
+           "token_grad_norms", "token_grad_norms_at"]
+
+G_READINGS = ("context", "tokens")  # what Eq. 4's gradient is taken w.r.t.: c, or the learned rows v
 
 
 def predict_eps(denoiser: Denoiser, draw: "Draw", cond: Conditioning) -> torch.Tensor:
@@ -42,7 +56,8 @@ def per_sample_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | 
 
 def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: torch.Tensor,
                             scale: float) -> torch.Tensor:
-    """Per-sample g_i = || grad_c ||eps_hat_i - eps_i|| || (seeds/000 Eq. 4) from one backward pass.
+    """Per-sample g_i = || grad_c ||eps_hat_i - eps_i|| || w.r.t. the text encoder's output c: the
+    "context" reading of seeds/000 Eq. 4 (the default), from one backward pass.
 
     The backward pass differentiated ``mean_i(per_i) / scale`` where per_i = ||r_i||^2 / n_i is the
     sample's mean squared error, so grad_c per_i = ctx_grad_i * scale (the denoiser treats samples
@@ -55,7 +70,8 @@ def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: to
 
 def grad_norms_at(denoiser: Denoiser, cond: Conditioning, x0: torch.Tensor, noise: torch.Tensor,
                   t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. 4's g for each sample: || grad_c || eps_theta(x_t, t, c) - eps || || with c = ``cond.context``.
+    """Eq. 4's g for each sample, "context" reading: || grad_c || eps_theta(x_t, t, c) - eps || || with
+    c = ``cond.context``.
 
     One forward and one backward pass of the denoiser for the whole batch (samples are independent,
     so the gradient of the summed loss w.r.t. c_i is sample i's own)."""
@@ -65,3 +81,38 @@ def grad_norms_at(denoiser: Denoiser, cond: Conditioning, x0: torch.Tensor, nois
         per, n_eff = per_sample_mse(eps, noise, mask)
         grad, = torch.autograd.grad(per.sum(), ctx)
     return conditioning_grad_norms(grad, per.detach(), n_eff, 1.0)
+
+
+def token_grad_norms(row_grads: Sequence[torch.Tensor | None], per: torch.Tensor, n_eff: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Per-sample g_i = || grad_v ||eps_hat_i - eps_i|| || w.r.t. the learned rows v: the "tokens"
+    reading of seeds/000 Eq. 4, from one backward pass.
+
+    ``row_grads``: per encoder, the gradient [B, K, d] w.r.t. each sample's own copy of the rows
+    (``ConceptSet.encode_per_sample``), so row b is J_b^T grad_{c_b} of sample b alone; None (an
+    encoder the loss did not reach) counts as zero. All encoders' rows are one vector, as c
+    concatenates all encoders' states. The chain rule is ``conditioning_grad_norms``'s:
+    grad_v ||r_i|| = grad_v per_i * n_i / (2 ||r_i||), with grad_v per_i = row_grads_i * scale.
+    """
+    sq = [g.detach().float().flatten(1).pow(2).sum(1) for g in row_grads if g is not None]
+    if not sq:
+        raise ValueError("token_grad_norms: no encoder's rows received a gradient; encode with "
+                         "ConceptSet.encode_per_sample and keep its rows' gradients (retain_grad)")
+    gv = torch.stack(sq).sum(0).sqrt() * scale
+    rnorm = (per.float() * n_eff).sqrt().clamp_min(1e-12)
+    return gv * n_eff / (2 * rnorm)
+
+
+def token_grad_norms_at(denoiser: Denoiser, cond: Conditioning, rows: Mapping[str, torch.Tensor],
+                        x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 4's g for each sample, "tokens" reading: || grad_v || eps_theta(x_t, t, c(v)) - eps || ||.
+
+    ``cond`` and ``rows`` come from ``ConceptSet.encode_per_sample`` run with gradients on (vectors
+    that require grad), so the text encoder's graph is still there: one forward and one backward
+    pass of the denoiser and of the text encoder for the whole batch."""
+    with torch.enable_grad():
+        eps = denoiser.predict_eps(denoiser.add_noise(x0, noise, t), t, cond)
+        per, n_eff = per_sample_mse(eps, noise, mask)
+        grads = torch.autograd.grad(per.sum(), list(rows.values()), allow_unused=True)
+    return token_grad_norms(grads, per.detach(), n_eff, 1.0)

@@ -3,7 +3,9 @@
     g(t) = E_x [ || grad_c || eps_theta(x_t, t, c) - eps || || ]                        (Eq. 4)
 
 c is the conditioning the denoiser receives (the text encoder's hidden states); the per-sample
-norm itself is ``inversion.loss.grad_norms_at``. g(t) says how
+norm itself is ``inversion.loss.grad_norms_at``. With ``reading="tokens"`` the gradient is taken
+w.r.t. the learned rows instead (``inversion.loss.token_grad_norms_at``, the other reading of
+Eq. 4; see ``inversion.loss``). g(t) says how
 much the prompt can change the denoiser's prediction at timestep t: timesteps with a large g are
 the informative ones for inversion (high-grad interval training, adaptive sampling).
 """
@@ -17,7 +19,7 @@ import torch
 
 from .batch import ConceptSet, autocast, step_generator
 from .host import Conditioning, Denoiser, TextSide
-from .loss import grad_norms_at
+from .loss import G_READINGS, grad_norms_at, token_grad_norms_at
 from .progress import Progress
 from .prompts import OBJECT_TEMPLATES, check_templates
 from .trainer import ConceptData
@@ -36,6 +38,7 @@ class GradProfile:
     num_timesteps: int
     t: torch.Tensor | None = None  # [n] the raw timesteps measured
     g: torch.Tensor | None = None  # [n] their g values
+    reading: str = "context"  # what g differentiates (loss.G_READINGS): c, or the learned rows
 
     @property
     def bins(self) -> int:
@@ -72,6 +75,8 @@ class GradProfile:
              "count": self.count.tolist(), "num_timesteps": self.num_timesteps}
         if self.t is not None:
             d["t"], d["g"] = self.t.tolist(), self.g.tolist()
+        if self.reading != "context":  # a context profile's dict is what it always was
+            d["reading"] = self.reading
         return d
 
     @classmethod
@@ -80,10 +85,12 @@ class GradProfile:
                    torch.tensor(d["std"], dtype=torch.float64), torch.tensor(d["count"], dtype=torch.long),
                    int(d["num_timesteps"]),
                    torch.tensor(d["t"], dtype=torch.long) if "t" in d else None,
-                   torch.tensor(d["g"], dtype=torch.float64) if "g" in d else None)
+                   torch.tensor(d["g"], dtype=torch.float64) if "g" in d else None,
+                   str(d.get("reading", "context")))
 
     @classmethod
-    def from_samples(cls, t: torch.Tensor, g: torch.Tensor, edges: torch.Tensor, num_timesteps: int) -> "GradProfile":
+    def from_samples(cls, t: torch.Tensor, g: torch.Tensor, edges: torch.Tensor, num_timesteps: int,
+                     reading: str = "context") -> "GradProfile":
         t, g = t.long().flatten(), g.double().flatten()
         b = torch.bucketize(t, edges[1:], right=True).clamp(max=len(edges) - 2)
         n = len(edges) - 1
@@ -92,14 +99,14 @@ class GradProfile:
         s2 = torch.zeros(n, dtype=torch.float64).index_add_(0, b, g * g)
         mean = s1 / count.clamp(min=1)
         var = (s2 / count.clamp(min=1) - mean**2).clamp(min=0) * count / (count - 1).clamp(min=1)
-        return cls(edges.long(), mean, var.sqrt(), count, num_timesteps, t, g)
+        return cls(edges.long(), mean, var.sqrt(), count, num_timesteps, t, g, reading)
 
 
 def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[ConceptData], *,
                       bins: int = 20, samples_per_bin: int = 4, batch_size: int = 4,
                       t_range: tuple[int, int] | None = None, templates: Sequence[str] = OBJECT_TEMPLATES,
                       seed: int = 0, device: torch.device | str | None = None, autocast_dtype: str | None = None,
-                      callback: Callable[[Progress], Any] | None = None) -> GradProfile:
+                      callback: Callable[[Progress], Any] | None = None, reading: str = "context") -> GradProfile:
     """Measure g(t) (Eq. 4) on the concept images with the concepts' current vectors.
 
     [t_range) (default [0, T)) is cut into ``bins`` bins; each gets ``samples_per_bin`` draws
@@ -109,7 +116,14 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     (the gradient is taken w.r.t. its output c), so a profile of ``bins * samples_per_bin /
     batch_size`` batches costs at most as much as that many training steps.
     ``callback(Progress(step, total))`` reports progress (batches) and may raise to cancel.
+
+    ``reading`` ("context" or "tokens", ``loss.G_READINGS``): what Eq. 4 differentiates. "tokens"
+    differentiates the learned rows, through the text encoder, so the encoder cannot be cached: it
+    runs forward and backward on every draw (``ConceptSet.encode_per_sample``), which adds the text
+    encoder's forward and backward for ``batch_size`` prompts to every batch.
     """
+    if reading not in G_READINGS:
+        raise ValueError(f"reading must be one of {', '.join(G_READINGS)}, got {reading!r}")
     T = denoiser.num_timesteps
     lo, hi = t_range if t_range is not None else (0, T)
     if not 0 <= lo < hi <= T:
@@ -127,9 +141,11 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     idx_all = data.sample_rows(gen, len(t_all), batch_size)  # a batch never mixes aspect buckets
     prompts_all = data.prompts(idx_all, gen)
     vectors = data.initial_vectors()
+    if reading == "tokens":  # leaves, so each draw's copies of the rows carry a gradient
+        vectors = {k: v.requires_grad_(True) for k, v in vectors.items()}
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     with torch.no_grad():
-        unique = [p for p in dict.fromkeys(prompts_all)]
+        unique = [p for p in dict.fromkeys(prompts_all)] if reading == "context" else []
         for i in range(0, len(unique), 16):
             chunk = unique[i:i + 16]
             cond = data.encode(chunk, vectors)
@@ -140,11 +156,17 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     for k in range(n_batches):
         sl = slice(k * batch_size, (k + 1) * batch_size)
         d = data.draw_at(gen, idx_all[sl], prompts_all[sl], t_all[sl])
-        ctx = torch.stack([cache[p][0] for p in d.prompts])
-        pooled = None if cache[d.prompts[0]][1] is None else torch.stack([cache[p][1] for p in d.prompts])
-        with autocast(data.device, autocast_dtype):
-            gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), d.x0, d.noise, d.t.to(data.device),
-                                    d.mask).cpu())
+        if reading == "tokens":
+            with autocast(data.device, autocast_dtype), torch.enable_grad():
+                cond, rows = data.encode_per_sample(d.prompts, vectors)
+                gs.append(token_grad_norms_at(denoiser, cond, rows, d.x0, d.noise, d.t.to(data.device),
+                                              d.mask).cpu())
+        else:
+            ctx = torch.stack([cache[p][0] for p in d.prompts])
+            pooled = None if cache[d.prompts[0]][1] is None else torch.stack([cache[p][1] for p in d.prompts])
+            with autocast(data.device, autocast_dtype):
+                gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), d.x0, d.noise, d.t.to(data.device),
+                                        d.mask).cpu())
         if callback is not None:
             callback(Progress(k + 1, n_batches))
-    return GradProfile.from_samples(t_all, torch.cat(gs).double(), edges, T)
+    return GradProfile.from_samples(t_all, torch.cat(gs).double(), edges, T, reading)

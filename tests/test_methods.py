@@ -316,3 +316,129 @@ def test_dti_prior_rows_per_encoder_sdxl(tiny_sdxl):
         table = torch.nn.functional.normalize(enc.token_table().detach().float(), dim=-1)
         want = table[[enc.tokenize(w)[0] for w in ("a", "red", "dog")]]
         assert torch.allclose(m.optimizer.mu[enc.key], want, atol=1e-6)
+
+
+# ---- the two readings of seeds/000 Eq. 4: g w.r.t. c ("context") or the learned rows ("tokens") ------
+
+def _one_sample_g(text_data, den, vectors, prompt, x0, noise, t, mask, reading):
+    """The paper's quantity for one sample alone, by direct autograd: || grad ||r|| || w.r.t. c or the rows."""
+    x0, noise, t = x0[None], noise[None], t[None]
+    mask = None if mask is None else mask[None]
+
+    def rnorm(cond):
+        r = tiny_eps(den, x0, noise, t, cond) - noise
+        return (r if mask is None else r * mask.sqrt()).norm()
+    if reading == "context":
+        with torch.no_grad():
+            cond = text_data.encode([prompt], vectors)
+        c = cond.context.clone().requires_grad_(True)
+        grads = torch.autograd.grad(rnorm(Conditioning(c, cond.pooled)), [c])
+    else:
+        v = {k: x.detach().clone().requires_grad_(True) for k, x in vectors.items()}
+        grads = torch.autograd.grad(rnorm(text_data.encode([prompt], v)), list(v.values()))
+    return float(sum(g.pow(2).sum() for g in grads).sqrt())
+
+
+def tiny_eps(den, x0, noise, t, cond):
+    return den.predict_eps(den.add_noise(x0, noise, t), t, cond)
+
+
+@pytest.mark.parametrize("world", ["tiny", "tiny_sdxl"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reading", ["context", "tokens"])
+def test_each_reading_matches_direct_autograd_with_repeated_prompts(request, world, masked, reading):
+    from inversion.batch import ConceptSet
+    from inversion.loss import token_grad_norms_at
+    w = request.getfixturevalue(world)
+    c1 = prepare_concept(w.latents, concept_images(2), make_embedding(w.text, "toy", init_word="toy", k=2))
+    c2 = prepare_concept(w.latents, concept_images(2, seed=1), make_embedding(w.text, "cat", init_word="cat"))
+    data = ConceptSet(w.text, [c1, c2], ("a photo of {}", "a red {}"))
+    p1, p2 = c1.embedding.placeholder, c2.embedding.placeholder
+    # the dedup case: samples 0, 1 and 3 share one prompt (ConceptSet.encode encodes it once)
+    prompts = [f"a photo of {p1}", f"a photo of {p1}", f"a red {p2}", f"a photo of {p1}", f"a red {p1}"]
+    torch.manual_seed(1)
+    x0 = concept_images(5) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100, 400, 400, 800, 600])
+    mask = torch.rand(5, 1, 16, 16) if masked else None
+    vectors = data.initial_vectors()
+    if reading == "context":
+        with torch.no_grad():
+            cond = data.encode(prompts, vectors)
+        g = grad_norms_at(w.denoiser, cond, x0, noise, t, mask)
+    else:
+        v = {k: x.requires_grad_(True) for k, x in vectors.items()}
+        cond, rows = data.encode_per_sample(prompts, v)
+        assert all(r.shape == (5, 3, x.shape[1]) for r, x in zip(rows.values(), v.values()))
+        g = token_grad_norms_at(w.denoiser, cond, rows, x0, noise, t, mask)
+    direct = [_one_sample_g(data, w.denoiser, vectors, prompts[i], x0[i], noise[i], t[i],
+                            None if mask is None else mask[i], reading) for i in range(5)]
+    assert g.tolist() == pytest.approx(direct, rel=1e-4)
+    assert len({round(float(x), 6) for x in g[[0, 1, 3]]}) == 3  # per sample, never the shared prompt's sum
+
+
+@pytest.mark.parametrize("reading", ["context", "tokens"])
+def test_trainer_g_is_each_samples_own_for_each_reading(tiny, reading):
+    from inversion.batch import step_generator
+    c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
+    cfg = TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=5e-2, templates=("a photo of {}", "a red {}"),
+                      g_reading=reading)
+    tr = Trainer(tiny.text, tiny.denoiser, [c], cfg)
+    v0 = {k: p.detach().clone() for k, p in tr.params.items()}
+    expected = []
+    for micro in range(cfg.grad_accum):  # the draws train_step will make, replayed
+        d = tr.data.draw(step_generator(cfg.seed, 0, micro), cfg.batch_size, tr.sampler.sample)
+        assert len(set(d.prompts)) < len(d.prompts)  # two templates, four samples: prompts repeat
+        expected += [_one_sample_g(tr.data, tiny.denoiser, v0, d.prompts[i], d.x0[i], d.noise[i], d.t[i], None,
+                                   reading) for i in range(cfg.batch_size)]
+    info = tr.train_step()
+    assert info.grad_norms == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_reading_changes_g_but_not_the_vectors_step(tiny):
+    c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
+    runs = {}
+    for reading in ("context", "tokens"):
+        tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=3, batch_size=4, lr=5e-2, g_reading=reading))
+        runs[reading] = tr.run()
+    h_c, h_t = runs["context"].history, runs["tokens"].history
+    assert h_c.timesteps == h_t.timesteps  # uniform timesteps: the same draws
+    # per-sample copies sum to the shared rows' gradient: the same steps (up to summation order)
+    assert torch.allclose(runs["context"].embedding.vectors["clip_l"], runs["tokens"].embedding.vectors["clip_l"],
+                          rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(torch.tensor(h_c.sample_grad_norms), torch.tensor(h_t.sample_grad_norms))
+
+
+def test_adaptive_sampler_learns_from_the_tokens_reading(tiny):
+    c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
+    s = Adaptive(1000, bins=5)
+    res = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=6, batch_size=4, lr=5e-2, g_reading="tokens"),
+                  timesteps=s).run()
+    assert int(s.count.sum()) == 24
+    assert torch.isfinite(s.estimate).all() and (s.estimate[s.count > 0] > 0).all()
+    replay = Adaptive(1000, bins=5)  # what it observed is the history's g: the tokens reading's
+    for t, g in zip(res.history.timesteps, res.history.sample_grad_norms):
+        replay.observe(torch.tensor(t), torch.tensor(g))
+    assert torch.equal(replay.estimate, s.estimate)
+    s_ctx = Adaptive(1000, bins=5)
+    ctx = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=1, batch_size=4, lr=5e-2), timesteps=s_ctx).run()
+    assert ctx.history.timesteps[0] == res.history.timesteps[0]  # the first step's draws do not depend on g
+    assert ctx.history.sample_grad_norms[0] != pytest.approx(res.history.sample_grad_norms[0], rel=1e-3)
+
+
+def test_profile_tokens_reading_and_bad_readings(tiny):
+    from inversion.options import TrainingOptions
+    c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy"))
+    kw = dict(bins=4, samples_per_bin=2, batch_size=4)
+    p_c = profile_gradients(tiny.text, tiny.denoiser, [c], **kw)
+    p_t = profile_gradients(tiny.text, tiny.denoiser, [c], reading="tokens", **kw)
+    assert (p_c.reading, p_t.reading) == ("context", "tokens")
+    assert torch.equal(p_c.t, p_t.t) and (p_t.g > 0).all() and not torch.allclose(p_c.g, p_t.g)
+    assert "reading" not in p_c.to_dict() and GradProfile.from_dict(p_t.to_dict()).reading == "tokens"
+    with pytest.raises(ValueError, match="reading must be one of context, tokens"):
+        profile_gradients(tiny.text, tiny.denoiser, [c], reading="rows", **kw)
+    with pytest.raises(ValueError, match="g_reading must be one of context, tokens, got 'rows'"):
+        TrainConfig(g_reading="rows").validate()
+    with pytest.raises(ValueError, match="g_reading must be one of"):
+        TrainingOptions(g_reading="rows").validate()
+    assert TrainConfig().g_reading == TrainingOptions().g_reading == "context"
