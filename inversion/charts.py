@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .score import best_step
+
 __all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
            "font", "to_image"]
 
@@ -45,6 +47,8 @@ NORM = (140, 70, 170)
 TARGET = (200, 40, 40)
 BAND = (250, 215, 170)
 WINDOW = (255, 236, 150)
+SCORE = (0, 140, 120)  # the deterministic score (score.py): smooth, so a strong colour
+STOP = (200, 40, 40)
 
 _FONTS: dict[int, Any] = {}
 
@@ -223,6 +227,15 @@ class _Axes:
             r = max(1, width)
             self.draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
 
+    def vline(self, x: float, color, dash: int = 5) -> None:
+        """A dashed vertical line at data ``x`` (a marked step)."""
+        _, top, _, bottom = self.box
+        xx = self.px(x)
+        y = float(top)
+        while y < bottom:
+            self.draw.line([(xx, y), (xx, min(y + dash, bottom))], fill=color, width=2)
+            y += 2 * dash
+
     def hline(self, y: float, color, dash: int = 6) -> None:
         left, _, right, _ = self.box
         yy = self.py(y)
@@ -288,8 +301,10 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     ``history``: the node's ``inversion_chart`` dict or ``TrainHistory.to_dict()``: ``loss`` and
     ``step`` lists; ``timesteps`` (flat or per step); optional ``num_timesteps`` (default 1000),
     ``bin_edges`` and ``g_estimate`` (adaptive sampler), ``vector_norm`` (per step) and
-    ``target_norm`` (DTI's m*), ``method``. ``smoothing`` is the EMA factor; by default it grows
-    with the run length (0.6 for a few steps up to 0.98), so short and long runs both read well.
+    ``target_norm`` (DTI's m*), ``method``; ``score_step`` / ``score`` (the deterministic score,
+    ``score.py``), drawn on the loss panel with the best step (``best_step``, else the lowest score)
+    marked, and ``stop_step`` where early stop fired. ``smoothing`` is the EMA factor; by default it
+    grows with the run length (0.6 for a few steps up to 0.98), so short and long runs both read well.
     """
     h = _as_dict(history, "history")
     loss = _floats(h.get("loss"))
@@ -309,6 +324,14 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     target = float(target) if target is not None and math.isfinite(float(target)) else None
     if smoothing is None:
         smoothing = min(0.98, max(0.6, 1.0 - 8.0 / max(1, len(loss))))
+    score = _floats(h.get("score"))
+    score_steps = _floats(h.get("score_step"))[: len(score)]
+    score = score[: len(score_steps)]
+    best = best_step([int(x) for x in score_steps if math.isfinite(x)],
+                     [v for x, v in zip(score_steps, score) if math.isfinite(x)]) if score else None
+    if h.get("best_step") is not None and h.get("best_score") is not None:
+        best = (int(h["best_step"]), float(h["best_score"]))
+    stop_step = h.get("stop_step")
 
     img, d = _canvas(width, height, "loss chart")
     method = str(h.get("method") or "").strip()
@@ -318,6 +341,8 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
         head += f"   step {int(steps[-1])}" + (f"/{int(h['total'])}" if h.get("total") else "")
     if last:
         head += f"   loss {last[0]:.4g}"
+    if best is not None:
+        head += f"   best step {best[0]} (score {best[1]:.4g})"
     d.text((12, 8), head, fill=TEXT, font=font(15))
 
     ml, mr, gap = 58, 16, 56
@@ -326,12 +351,27 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
         _message(d, top_box, "no loss values yet")
     else:
         ax = _Axes(d, top_box, (min(steps), max(steps)) if len(steps) > 1 else (steps[0] - 1, steps[0] + 1),
-                   _limits(loss))
+                   _limits(loss + score))
         ax.frame("loss", "step", xint=True)
         smooth = ema(loss, smoothing)
         ax.line(steps, loss, RAW, width=1)
         ax.line(steps, smooth, SMOOTH, width=2)
-        ax.legend([("raw", RAW), (f"EMA {smoothing:.2f}", SMOOTH)])
+        keys = [("raw", RAW), (f"EMA {smoothing:.2f}", SMOOTH)]
+        if _finite(score):
+            ax.line(score_steps, score, SCORE, width=2)
+            keys.append(("score (fixed draws)", SCORE))
+        if stop_step is not None:
+            ax.vline(float(stop_step), STOP)
+            d.text((ax.px(float(stop_step)) - 4, top_box[1] + 4), f"early stop {int(stop_step)}", fill=STOP,
+                   font=font(11), anchor="ra")
+        if best is not None and math.isfinite(best[1]):
+            bx, by = ax.px(best[0]), ax.py(min(max(best[1], ax.ylim[0]), ax.ylim[1]))
+            ax.vline(float(best[0]), SCORE)
+            d.ellipse([bx - 5, by - 5, bx + 5, by + 5], outline=SCORE, fill=BACKGROUND, width=3)
+            right = bx > (top_box[0] + top_box[2]) / 2
+            d.text((bx + (-8 if right else 8), by + 8), f"best {best[0]}", fill=SCORE, font=font(11),
+                   anchor="ra" if right else "la")
+        ax.legend(keys)
 
     panels = ["hist"] + (["g"] if g_est is not None else []) + (["norm"] if _finite(vnorm) else [])
     bottom_top, bottom_bottom = top_box[3] + 62, height - 40

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .loss import G_READINGS
 from .presets import MethodParams
 from .prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, CaptionOptions, check_templates
+from .score import DVAR_THRESHOLD, DVAR_WINDOW, check_score_settings
 
 __all__ = ["TrainingOptions", "PRECISIONS", "LR_SCHEDULES", "TEMPLATE_SETS"]
 
@@ -38,6 +40,12 @@ class TrainingOptions:
     precision: str = "auto"  # auto (the model's own: fp16 gets dynamic loss scaling) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30 % slower
     l2_init_weight: float = 0.0  # seeds/003 Sec. 3.4's L2 pull toward the initial vectors; 0 = off
+    g_reading: str = "context"  # Eq. 4's g w.r.t. c ("context") or the learned rows ("tokens"); context until issue 12's benchmark
+    score_every: int = 0  # deterministic score (score.py) every N steps; 0 = off: each costs ScoreConfig.batches forwards
+    early_stop: bool = False  # DVAR's rule on the scores; off until runs show it safe (issue 14)
+    dvar_window: int = DVAR_WINDOW  # evaluations (DVAR's TI setting; steps when score_every = 1)
+    dvar_threshold: float = DVAR_THRESHOLD  # DVAR's TI setting
+    keep: str = "last"  # the finished file holds the last step's vectors, or the best-scored step's ("best")
 
     def validate(self) -> "TrainingOptions":
         if self.precision not in PRECISIONS:
@@ -53,6 +61,9 @@ class TrainingOptions:
         a, b = self.method.interval
         if a > b:
             raise ValueError(f"interval_start ({a}) must not exceed interval_end ({b})")
+        if self.g_reading not in G_READINGS:
+            raise ValueError(f"g_reading must be one of {', '.join(G_READINGS)}, got {self.g_reading!r}")
+        check_score_settings(self.score_every, self.early_stop, self.dvar_window, self.dvar_threshold, self.keep)
         self.captions.validate()
         return self
 

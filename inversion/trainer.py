@@ -21,11 +21,12 @@ import torch
 from .batch import ConceptSet, autocast, step_generator
 from .embedding import LearnedEmbedding
 from .host import Conditioning, Denoiser, LatentEncoder, TextSide
-from .loss import conditioning_grad_norms, per_sample_mse, predict_eps
+from .loss import G_READINGS, conditioning_grad_norms, per_sample_mse, predict_eps, token_grad_norms
 from .optim import AdamW, VectorOptimizer
 from .progress import Progress
 from .prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
 from .regularizers import RegContext, Regularizer
+from .score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, best_step, deterministic_score, dvar_ratio
 from .timesteps import TimestepSampler, Uniform
 
 __all__ = [
@@ -69,6 +70,18 @@ class TrainConfig:
     # run we measured; 50x means the step size is wrong (lr 10 gives ~1000x after a few steps).
     norm_warn: float = 8.0  # warn once: the vectors have left the vocabulary's range
     norm_stop: float = 50.0  # stop; keep the last vectors that were within norm_warn
+    # What seeds/000 Eq. 4's g (the adaptive sampler's signal) differentiates: "context" = the text
+    # encoder's output c (as Eq. 4 is written; free from the step's backward), "tokens" = the learned
+    # rows (encodes each sample's prompt on its own copy of the rows). Context until the world v2
+    # benchmark (issue 12) decides.
+    g_reading: str = "context"
+    # A deterministic score (``score.py``: the loss on fixed draws) every N steps; 0 = off, because
+    # each costs ScoreConfig.batches forward passes. Needed by early_stop and keep = "best".
+    score_every: int = 0
+    early_stop: bool = False  # DVAR's rule on the scores; off until runs show it safe (issue 14)
+    dvar_window: int = DVAR_WINDOW  # in evaluations (= steps when score_every = 1, the paper's cadence)
+    dvar_threshold: float = DVAR_THRESHOLD  # the paper's TI setting
+    keep: str = "last"  # "best": the run's file holds the lowest-score step's vectors; "last": the last step's
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1:
@@ -93,6 +106,9 @@ class TrainConfig:
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {self.autocast_dtype!r}")
         check_templates(self.templates)
+        if self.g_reading not in G_READINGS:
+            raise ValueError(f"g_reading must be one of {', '.join(G_READINGS)}, got {self.g_reading!r}")
+        check_score_settings(self.score_every, self.early_stop, self.dvar_window, self.dvar_threshold, self.keep)
         return self
 
 
@@ -262,6 +278,8 @@ class StepInfo(Progress):
     # grad_norms are 0 and its loss the last finite one, never NaN); the scale the next step uses.
     skipped: bool = False
     loss_scale: float | None = None  # None without loss scaling
+    score: float | None = None  # the deterministic score (``score.py``) of this step's vectors, when scored
+    stop_reason: str | None = None  # set on the step at which the run's own rule (DVAR) stopped it
 
 
 @dataclass
@@ -275,8 +293,13 @@ class TrainHistory:
     timesteps: list[list[int]] = field(default_factory=list)
     sample_grad_norms: list[list[float]] = field(default_factory=list)
     vector_norm: list[float] = field(default_factory=list)  # mean over vectors and encoders
+    score_step: list[int] = field(default_factory=list)  # the steps that were scored (``score.py``)
+    score: list[float] = field(default_factory=list)  # their deterministic scores
 
     def append(self, info: StepInfo) -> None:
+        if info.score is not None:
+            self.score_step.append(info.step)
+            self.score.append(float(info.score))
         self.step.append(info.step)
         self.loss.append(info.loss)
         self.lr.append(info.lr)
@@ -291,7 +314,19 @@ class TrainHistory:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainHistory":
+        """From ``to_dict()``; a history saved before a list existed gets it empty."""
         return cls(**{k: list(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def upto(self, n: int) -> "TrainHistory":
+        """The history of the first ``n`` recorded steps (scores of later steps dropped)."""
+        last = self.step[n - 1] if 0 < n <= len(self.step) else 0
+        keep = sum(1 for s in self.score_step if s <= last) if n > 0 else 0
+        d = {k: v[:keep] if k in ("score_step", "score") else v[:n] for k, v in self.to_dict().items()}
+        return TrainHistory.from_dict(d)
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, score) of the lowest deterministic score, the earliest on a tie; None if never scored."""
+        return best_step(self.score_step, self.score)
 
 
 @dataclass
@@ -307,10 +342,17 @@ class TrainState:
 
 @dataclass
 class TrainResult:
-    embeddings: list[LearnedEmbedding]
+    embeddings: list[LearnedEmbedding]  # the last step's vectors
     history: TrainHistory
     steps_done: int
-    stopped_early: bool
+    stopped_early: bool  # before ``config.steps``: the callback asked, or the run's own rule (below)
+    stop_step: int | None = None  # the step at which early_stop's rule (DVAR) fired, if it did
+    stop_reason: str = ""  # what it saw
+
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(step, score) of the lowest deterministic score of the run; None if it was never scored."""
+        return self.history.best()
 
     @property
     def embedding(self) -> LearnedEmbedding:
@@ -395,7 +437,8 @@ class Trainer:
                  config: TrainConfig = TrainConfig(), *, timesteps: TimestepSampler | None = None,
                  optimizer: VectorOptimizer | None = None, regularizers: Sequence[Regularizer] = (),
                  device: torch.device | str | None = None, resume: TrainState | None = None,
-                 checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None):
+                 checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None,
+                 snapshot: Callable[["Trainer"], None] | None = None):
         self.config = config.validate()
         self.text = text
         self.denoiser = denoiser
@@ -411,6 +454,8 @@ class Trainer:
         self.lr = self.config.lr if self.config.lr is not None else self.optimizer.default_lr
         self.regularizers = list(regularizers)
         self.checkpoint_fn = checkpoint
+        self.snapshot_fn = snapshot  # called after each score, with ``history.score[-1]`` that step's
+        self.score_config = ScoreConfig(every=self.config.score_every).validate()
         self.metadata = dict(metadata or {})
         self.tables = {e.key: e.token_table() for e in text.encoders}
         # The largest word norm per encoder: the divergence guard's unit.
@@ -484,17 +529,26 @@ class Trainer:
     def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
         B = self.config.batch_size
         d = self.data.draw(gen, B, self.sampler.sample)
+        tokens = self.config.g_reading == "tokens"
         with autocast(self.device, self.config.autocast_dtype):
-            cond = self.encode_prompts(d.prompts)
-            ctx = cond.context
-            ctx.retain_grad()
+            if tokens:  # each sample reads its own copy of the rows: its gradient is that sample's alone
+                cond, rows = self.data.encode_per_sample(d.prompts, self.params)
+                for r in rows.values():
+                    r.retain_grad()
+            else:
+                cond = self.encode_prompts(d.prompts)
+                ctx = cond.context
+                ctx.retain_grad()
             eps = predict_eps(self.denoiser, d, cond)
         per, n_eff = per_sample_mse(eps, d.noise, d.mask)
         loss = per.mean()
         if not torch.isfinite(loss):
             return None, d.t, d.prompts
         (loss * scale if loss_scale == 1.0 else loss * (scale * loss_scale)).backward(retain_graph=False)
-        g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / (scale * loss_scale))
+        if tokens:
+            g = token_grad_norms([r.grad for r in rows.values()], per.detach(), n_eff, B / (scale * loss_scale))
+        else:
+            g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / (scale * loss_scale))
         return (loss.detach(), g.cpu()), d.t, d.prompts
 
     def _reg_loss(self) -> torch.Tensor | None:
@@ -634,7 +688,7 @@ class Trainer:
                     self._good[k].copy_(vectors[k])
             bad_step = self.step
             self.step = step
-            self.history = TrainHistory.from_dict({k: v[:hist_len] for k, v in self.history.to_dict().items()})
+            self.history = self.history.upto(hist_len)
             self._optimizer_stale = True
             raise TrainingDiverged(
                 f"the vectors exploded: after step {bad_step} a {key} vector's norm is {ratio * unit:.3g}, "
@@ -678,17 +732,42 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, callback: Callable[[StepInfo], Any] | None = None) -> TrainResult:
         """Train until ``config.steps``. ``callback(info)`` returning False stops early (gracefully);
-        an exception from it propagates and ``embeddings()`` still gives the last good vectors."""
+        an exception from it propagates and ``embeddings()`` still gives the last good vectors.
+
+        With ``score_every`` the vectors are scored on fixed draws (``score.py``), the ``snapshot``
+        callback runs after each score, and ``early_stop`` ends the run gracefully when DVAR's rule
+        fires on the scores so far (``TrainResult.stop_step`` / ``stop_reason``)."""
         t0 = time.perf_counter()
-        stopped = False
-        while self.step < self.config.steps:
+        cfg = self.config
+        stopped, stop_step, stop_reason = False, None, ""
+        while self.step < cfg.steps:
             info = self.train_step()
+            scored = self._due_score()
+            if scored:  # the fixed draws: no random state of training is touched, so its steps are unchanged
+                info.score = deterministic_score(self, self.score_config)
             info.elapsed = time.perf_counter() - t0
             self.history.append(info)
-            if self.checkpoint_fn and self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0 \
-                    and self.step < self.config.steps:
+            if scored and self.snapshot_fn:
+                self.snapshot_fn(self)
+            if scored and cfg.early_stop and self.step < cfg.steps:
+                ratio = dvar_ratio(self.history.score, cfg.dvar_window)
+                if ratio is not None and ratio < cfg.dvar_threshold:
+                    stop_step = self.step
+                    stop_reason = info.stop_reason = (
+                        f"DVAR early stop at step {self.step}: the variance of the last {cfg.dvar_window} scores "
+                        f"is {ratio:.3g} of all {len(self.history.score)} scores' (threshold {cfg.dvar_threshold:g})")
+            if self.checkpoint_fn and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 \
+                    and self.step < cfg.steps and stop_step is None:
                 self.checkpoint_fn(self)
             if callback is not None and callback(info) is False:
-                stopped = self.step < self.config.steps
+                stopped = self.step < cfg.steps
                 break
-        return TrainResult(self.embeddings(), self.history, self.step, stopped)
+            if stop_step is not None:
+                stopped = True
+                break
+        return TrainResult(self.embeddings(), self.history, self.step, stopped, stop_step, stop_reason)
+
+    def _due_score(self) -> bool:
+        """Score after every ``score_every`` steps, and after the last step (so ``keep = "best"`` sees it)."""
+        every = self.score_config.every
+        return bool(every) and (self.step % every == 0 or self.step >= self.config.steps)
