@@ -75,12 +75,15 @@ class TrainReporter:
         self.method = method
         self.num_timesteps = num_timesteps
         self.last = None  # the latest StepInfo (the final chart shows its sampler estimate)
+        self.best: tuple[int, float] | None = None  # (step, score) of the lowest score so far
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         if start:
             self.bar.update_absolute(start, total)
 
     def __call__(self, info) -> None:
         self.last = info
+        if info.score is not None and (self.best is None or info.score < self.best[1]):
+            self.best = (info.step, float(info.score))
         send_event(self.node_id, {
             "kind": "train", "step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr,
             "grad_norm": info.grad_norm, "timesteps": list(info.timesteps),
@@ -88,6 +91,8 @@ class TrainReporter:
             "g_estimate": info.g_estimate, "bin_edges": info.bin_edges,
             "target_norm": None if not info.target_norms else _mean(info.target_norms.values()),
             "num_timesteps": self.num_timesteps, "method": self.method,
+            "score": info.score, **_best(self.best),
+            **({"stop_step": info.step, "stop_reason": info.stop_reason} if info.stop_reason else {}),
         })
         for message in info.warnings:
             warn_user(self.node_id, message)
@@ -95,9 +100,18 @@ class TrainReporter:
         check_cancel()
 
 
-def history_payload(history, *, method: str, num_timesteps: int, total: int, last_info=None) -> dict[str, Any]:
-    """The final chart data (``ui[UI_KEY]``): the whole history plus the sampler's last estimate."""
-    d = {"kind": "train", **history.to_dict(), "method": method, "num_timesteps": num_timesteps, "total": total}
+def _best(best: tuple[int, float] | None) -> dict[str, Any]:
+    return {"best_step": None if best is None else best[0], "best_score": None if best is None else best[1]}
+
+
+def history_payload(history, *, method: str, num_timesteps: int, total: int, last_info=None,
+                    stop_step: int | None = None, stop_reason: str = "") -> dict[str, Any]:
+    """The final chart data (``ui[UI_KEY]``): the whole history (``score_step`` / ``score`` when scored)
+    plus the sampler's last estimate, the best-scored step, and where early stop fired."""
+    d = {"kind": "train", **history.to_dict(), "method": method, "num_timesteps": num_timesteps, "total": total,
+         **_best(history.best())}
+    if stop_step is not None:
+        d.update(stop_step=stop_step, stop_reason=stop_reason)
     if last_info is not None:
         d["g_estimate"] = last_info.g_estimate
         d["bin_edges"] = last_info.bin_edges

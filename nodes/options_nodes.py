@@ -10,8 +10,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..inversion.options import LR_SCHEDULES, PRECISIONS, TEMPLATE_SETS, TrainingOptions
+from ..inversion.loss import G_READINGS
 from ..inversion.presets import MethodParams
 from ..inversion.prompts import CaptionOptions
+from ..inversion.score import KEEP, ScoreConfig
 from .types import OptionsType
 
 __all__ = ["NODES", "TrainingOptionsNode"]
@@ -19,6 +21,7 @@ __all__ = ["NODES", "TrainingOptionsNode"]
 _D = TrainingOptions()  # the defaults, written once (inversion/options.py, inversion/presets.py)
 _M = _D.method
 _C = _D.captions
+_S = ScoreConfig()
 
 
 class TrainingOptionsNode(io.ComfyNode):
@@ -31,8 +34,9 @@ class TrainingOptionsNode(io.ComfyNode):
             description=(
                 "Everything beyond what every run needs, for Train Textual Inversion and Gradient Norm Profiler: "
                 "method parameters, learning-rate schedule and warm-up, gradient accumulation and clipping, "
-                "regularisers, flip, templates, per-image caption handling, checkpoint cadence, precision and "
-                "UNet gradient checkpointing. Unconnected, the trainer uses these defaults."
+                "regularisers, flip, templates, per-image caption handling, checkpoint cadence, precision, "
+                "UNet gradient checkpointing, and a deterministic score of the vectors with snapshots, the best "
+                "step and DVAR early stop. Unconnected, the trainer uses these defaults."
             ),
             inputs=[
                 io.Int.Input("interval_start", default=_M.interval[0], min=0, max=999,
@@ -104,6 +108,28 @@ class TrainingOptionsNode(io.ComfyNode):
                                round=False, tooltip="L2 pull of each vector back toward its initial vector, "
                                "w * sum ||v - v0||^2 (seeds/003's tuning-phase regulariser, with the init as the "
                                "encoder's prediction): keeps the concept near the init's words; 0 = off."),
+                io.Int.Input("score_every", default=_D.score_every, min=0, max=100000,
+                             tooltip="Score the vectors every N steps (0 = off): the diffusion loss on a fixed set of "
+                             f"{_S.batches} draws (images, noise, timesteps), so the curve is smooth and comparable "
+                             f"across steps. Each score costs {_S.batches} forward passes (about one training step "
+                             "more at batch 1); the embedding of each scored step is kept in "
+                             "models/inversion_runs/<name>/snapshots. Needed by early_stop and keep = best."),
+                io.Boolean.Input("early_stop", default=_D.early_stop,
+                                 tooltip="Stop when the score has flattened (DVAR, Voronov et al. 2023): the variance "
+                                 f"of the last {_D.dvar_window} scores below {_D.dvar_threshold:g} of all scores'. "
+                                 f"Needs score_every (1 = the paper's cadence; with N > 1 it waits for "
+                                 f"{_D.dvar_window} scores, N x {_D.dvar_window} steps). Off by default until runs "
+                                 "show it safe; a stopped run completes normally and writes its embedding."),
+                io.Combo.Input("keep", options=list(KEEP), default=_D.keep,
+                               tooltip="Which vectors <name>.safetensors holds when the run completes: last (the "
+                               "last step's) or best (the scored step with the lowest score; needs score_every; "
+                               "its metadata names the step). The run's state keeps the last step, so resume "
+                               "continues the run."),
+                io.Combo.Input("g_reading", options=list(G_READINGS), default=_D.g_reading,
+                               tooltip="What seeds/000 Eq. 4's gradient norm g(t) is taken with respect to, for the "
+                               "adaptive sampler and the profiler: context (the text encoder's output, the "
+                               "default) or tokens (the learned vectors themselves, 'collected on the fly'). "
+                               "A profile must be measured with the reading the run trains with."),
             ],
             outputs=[OptionsType.Output("options", display_name="options",
                                         tooltip="Wire into Train Textual Inversion (and Gradient Norm Profiler).")],
@@ -113,7 +139,8 @@ class TrainingOptionsNode(io.ComfyNode):
     def execute(cls, interval_start, interval_end, single_t, window, adaptive_bins, kappa, class_word, l2_weight,
                 contrastive_weight, lr_schedule, warmup_steps, grad_accum, max_grad_norm, flip, templates,
                 custom_templates, caption_shuffle, caption_keep, caption_dropout, checkpoint_every, precision,
-                gradient_checkpointing, l2_init_weight=_D.l2_init_weight) -> io.NodeOutput:
+                gradient_checkpointing, l2_init_weight=_D.l2_init_weight, score_every=_D.score_every,
+                early_stop=_D.early_stop, keep=_D.keep, g_reading=_D.g_reading) -> io.NodeOutput:
         options = TrainingOptions(
             method=MethodParams(interval=(interval_start, interval_end), single_t=single_t, window=window,
                                 bins=adaptive_bins, kappa=kappa, class_word=class_word.strip()),
@@ -122,7 +149,8 @@ class TrainingOptionsNode(io.ComfyNode):
             templates=templates, custom_templates=custom_templates,
             captions=CaptionOptions(shuffle=caption_shuffle, keep=caption_keep, dropout=caption_dropout),
             checkpoint_every=checkpoint_every, precision=precision, gradient_checkpointing=gradient_checkpointing,
-            l2_init_weight=l2_init_weight,
+            l2_init_weight=l2_init_weight, score_every=score_every, early_stop=early_stop, keep=keep,
+            g_reading=g_reading,
         ).validate()
         options.template_list()  # a bad custom template is an error here, at the node that holds it
         return io.NodeOutput(options)

@@ -9,6 +9,10 @@
   ``models/embeddings`` is protected, ``<name>.safetensors``: the unfinished run's embedding.
   Nothing here is listed by ComfyUI's ``/embeddings`` or scanned by other UIs (a state file
   beside the embedding was offered as ``embedding:<name>.state`` and crashed the prompt).
+  ``snapshots/step-000100.safetensors``: the embedding at each scored step (``score_every``, issue
+  14), read by Inspect Embedding (``inversion.inspect.load_snapshots``) and by ``keep = "best"``,
+  which writes the lowest-score step's vectors as the finished file (the state keeps the last step,
+  so resume continues the run). A fresh run clears the snapshots of an earlier run of that name.
 
 Older versions wrote ``<name>.state.safetensors`` beside the embedding; ``migrate_side_files``
 moves those (only files whose header is a training state) into the runs folder.
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +33,7 @@ import folder_paths
 
 from ..inversion.checkpoint import (STATE_SUFFIX, is_state_file, load_state, read_state_meta, save_checkpoint,
                                     state_from_embedding)
-from ..inversion.embedding import validate_name
+from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.formats import load_embedding, save_embedding
 from ..inversion.trainer import Trainer, TrainingDiverged, TrainResult, TrainState
 from .comfy_run import embedding_path, warn_user
@@ -108,6 +112,14 @@ class RunFiles:
         return self.folder / "state.safetensors"
 
     @property
+    def snapshots(self) -> Path:
+        """The embedding at each scored step: ``snapshots/step-000100.safetensors``."""
+        return self.folder / "snapshots"
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.snapshots / f"step-{int(step):06d}.safetensors"
+
+    @property
     def unfinished(self) -> Path:
         """The run's embedding while ``embedding`` is protected (beside its state)."""
         return self.folder / f"{self.name}.safetensors"
@@ -152,8 +164,9 @@ class RunFiles:
             return None
         if meta is not None:
             state = load_state(self.state)
-            if _same_vectors(state.vectors, load_embedding(self.embedding).vectors):
-                self.protected = False  # the file is this run's own checkpoint
+            emb = load_embedding(self.embedding)
+            if _same_vectors(state.vectors, emb.vectors) or self._is_best_of(emb, state):
+                self.protected = False  # the file is this run's own checkpoint (or its best step)
                 return state
             warn_user(self.node, f"{self.state} does not match {self.embedding.name} (the file was replaced after "
                       "that run): resuming from the embedding alone; the optimiser restarts")
@@ -168,6 +181,50 @@ class RunFiles:
             return self.unfinished
         return save_checkpoint(trainer, [self.embedding], state_path=self.state)[0]
 
+    def _is_best_of(self, emb: LearnedEmbedding, state: TrainState) -> bool:
+        """``emb`` is the best step that ``keep = "best"`` wrote from this run's own snapshot."""
+        step = emb.metadata.get("best_step", "")
+        if emb.metadata.get("keep") != "best" or not step.isdigit() or int(step) > state.step:
+            return False
+        path = self.snapshot_path(int(step))
+        try:
+            return path.is_file() and _same_vectors(load_embedding(path).vectors, emb.vectors)
+        except (OSError, ValueError):
+            return False
+
+    def snapshot(self, trainer: Trainer) -> Path:
+        """Keep the embedding of a scored step (the trainer's ``snapshot`` callback), with its score."""
+        emb = trainer.embeddings()[0]
+        score = trainer.history.score[-1]
+        emb = LearnedEmbedding(emb.name, emb.vectors, emb.placeholder, {**emb.metadata, "score": repr(float(score))})
+        return save_embedding(emb, self.snapshot_path(trainer.step), overwrite=True)
+
+    def clear_snapshots(self, after: int = 0) -> None:
+        """Remove the snapshots of steps after ``after`` (all of them for a fresh run): they belong to
+        an earlier run of this name, and ``keep = "best"`` must never pick one."""
+        if not self.snapshots.is_dir():
+            return
+        for path in self.snapshots.glob("step-*.safetensors"):
+            digits = path.name[len("step-"):-len(".safetensors")]
+            if digits.isdigit() and int(digits) > after:
+                path.unlink(missing_ok=True)
+
+    def best(self, trainer: Trainer) -> LearnedEmbedding | None:
+        """The run's best step (lowest score) from its snapshot, with metadata naming it; None if unscored."""
+        best = trainer.history.best()
+        if best is None:
+            return None
+        step, score = best
+        path = self.snapshot_path(step)
+        if not path.is_file():
+            warn_user(self.node, f"keep = best: the snapshot of the best step ({step}, score {score:.4g}) is missing "
+                      f"from {self.snapshots}; {self.embedding.name} holds the last step ({trainer.step}) instead")
+            return None
+        emb = load_embedding(path)
+        emb.metadata.update({"keep": "best", "best_step": str(step), "score": repr(float(score)),
+                             "steps_trained": str(trainer.step)})
+        return emb
+
     def stopped(self, trainer: Trainer, start: int, why: str) -> Path | None:
         """Keep what a cancelled or diverged run learned, without replacing a file it has not earned."""
         if trainer.step <= start:
@@ -180,12 +237,16 @@ class RunFiles:
             log.info("%s at step %d; saved %s", why, trainer.step, where)
         return where
 
-    def finish(self, trainer: Trainer) -> Path:
-        """The run completed: it has earned the embedding file."""
+    def finish(self, trainer: Trainer) -> tuple[Path, LearnedEmbedding]:
+        """The run completed: it has earned the embedding file. With ``keep = "best"`` the file holds
+        the best step's vectors (the state still the last step's). Returns the file and what it holds."""
         self.protected = False
         written = self.checkpoint(trainer)
+        kept = self.best(trainer) if trainer.config.keep == "best" else None
+        if kept is not None:
+            written = save_embedding(kept, self.embedding, overwrite=True)
         self.unfinished.unlink(missing_ok=True)
-        return written
+        return written, kept if kept is not None else trainer.embeddings()[0]
 
     def run(self, trainer: Trainer, callback) -> tuple[TrainResult, Path]:
         """Train to the end and write the embedding it has earned; on Cancel keep what it learned.
@@ -194,6 +255,7 @@ class RunFiles:
         step) propagates after ``stopped``; a divergence becomes a ValueError that says what was kept.
         """
         start = trainer.step
+        self.clear_snapshots(after=start)
         try:
             comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
             result = trainer.run(callback)
@@ -205,7 +267,10 @@ class RunFiles:
             kept = (f"Saved the last good vectors (step {trainer.step}) to {where}." if where else
                     "Nothing was saved: no step of this run was usable.")
             raise ValueError(f"{e} {kept}") from None
-        return result, self.finish(trainer)
+        written, kept = self.finish(trainer)
+        if result.stop_step is not None:
+            log.info("%s; wrote %s", result.stop_reason, written)
+        return replace(result, embeddings=[kept]), written
 
     def fingerprint(self) -> str:
         """Changes when a resume would start from somewhere else."""

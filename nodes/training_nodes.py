@@ -164,7 +164,7 @@ class GradNormProfiler(io.ComfyNode):
         with training_host(model, clip) as host:
             profile = profile_gradients(host.text_side, host.denoiser, [concept], bins=bins,
                                         samples_per_bin=samples_per_bin, batch_size=batch_size, seed=seed,
-                                        templates=opts.template_list(), callback=progress)
+                                        templates=opts.template_list(), reading=opts.g_reading, callback=progress)
         lo, hi = profile.best_window(min(window, profile.num_timesteps))
         payload = {"kind": "profile", "bin_edges": profile.edges.tolist(), "mean": profile.mean.tolist(),
                    "std": profile.std.tolist(), "num_timesteps": profile.num_timesteps, "window": [lo, hi],
@@ -263,6 +263,10 @@ class TrainTextualInversion(io.ComfyNode):
                 images=None, masks=None, dataset=None, profile=None, options=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
+        reading = getattr(profile, "reading", "context")
+        if profile is not None and reading != opts.g_reading:
+            raise ValueError(f"profile: measured with g_reading = {reading} but this run uses {opts.g_reading}; "
+                             "set the same g_reading on the Training Options wired into both nodes")
         files, resume = RunFiles.open(name.strip(), if_exists, node)
         concept = concept_data(model, clip, vae, init, name.strip(), images=images, masks=masks, dataset=dataset,
                                flip=opts.flip)
@@ -278,12 +282,13 @@ class TrainTextualInversion(io.ComfyNode):
                              init_vectors=concept.embedding.vectors, init_text=init.metadata.get("init_text") or None)
             trainer = Trainer(host.text_side, host.denoiser, [concept], config, timesteps=m.sampler,
                               optimizer=m.optimizer, regularizers=_regularizers(opts),
-                              resume=resume, checkpoint=files.checkpoint,
+                              resume=resume, checkpoint=files.checkpoint, snapshot=files.snapshot,
                               metadata={k: str(v) for k, v in metadata.items()})
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step)
             result, written = files.run(trainer, reporter)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
-                                  total=steps, last_info=reporter.last)
+                                  total=steps, last_info=reporter.last, stop_step=result.stop_step,
+                                  stop_reason=result.stop_reason)
         chart = charts.loss_chart(payload)[None]
         return io.NodeOutput(result.embedding, chart, str(written), ui={UI_KEY: [payload]})
 
@@ -300,7 +305,9 @@ def _config(opts: TrainingOptions, **run) -> TrainConfig:
     """The run's TrainConfig: what every run sets (steps, batch, seed, lr, precision) plus the options."""
     return TrainConfig(templates=opts.template_list(), flip=opts.flip, checkpoint_every=opts.checkpoint_every,
                        grad_accum=opts.grad_accum, lr_schedule=opts.lr_schedule, warmup_steps=opts.warmup_steps,
-                       max_grad_norm=opts.max_grad_norm, captions=opts.captions, **run)
+                       max_grad_norm=opts.max_grad_norm, captions=opts.captions, score_every=opts.score_every,
+                       early_stop=opts.early_stop, dvar_window=opts.dvar_window, dvar_threshold=opts.dvar_threshold,
+                       keep=opts.keep, g_reading=opts.g_reading, **run)
 
 
 def _memory(model, opts: TrainingOptions):

@@ -183,6 +183,15 @@ which measures with the same templates and flip). Unconnected, the trainer uses 
   file (`image.txt` beside `image.png`, the concept marked as `[name]` or `{}`), caption_shuffle,
   caption_keep and caption_dropout.
 - **Cadence**: checkpoint_every.
+- **Score, best step, early stop** (Voronov et al.'s DVAR): score_every > 0 evaluates a deterministic
+  loss (fixed images, noise and timesteps) every N steps, charts it, and keeps each evaluation's
+  embedding in `models/inversion_runs/<name>/snapshots/`; keep = best writes the lowest-scoring
+  snapshot as `<name>.safetensors` (last by default); early_stop ends the run when the score has
+  flattened (variance of the last 310 scores below 0.15 of all scores). Off by default: each score
+  costs a few forward passes, and early stop is off until measurements show it safe.
+- **g_reading**: what the gradient norm g(t) behind the adaptive sampler and the profiler is taken
+  with respect to: the text encoder's output (context, default) or the learned vectors (tokens).
+- **l2_init_weight**: seeds/003's pull of each vector toward its initial vector (0 = off).
 - **Precision and memory**: precision = auto trains in the model's own compute dtype (fp16 models
   with dynamic loss scaling: a step whose gradient overflows is skipped and the scale lowered);
   fp32 / bf16 / fp16 force it on a GPU. gradient_checkpointing recomputes the UNet's activations

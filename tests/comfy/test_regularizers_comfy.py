@@ -50,3 +50,22 @@ def test_dti_prior_rows_with_comfyui_tokenizers(comfyui, sdxl):
         torch.testing.assert_close(mu[key][:2], v[:2])
         torch.testing.assert_close(mu[key][2], dog[key][0])
         torch.testing.assert_close(same[key], v)
+
+
+def test_g_reading_reaches_the_profiler_and_the_trainer_and_must_match(comfyui, sd2):
+    """Training Options' g_reading: the profiler measures with it, the trainer trains with it, and a profile
+    measured with the other reading is refused before any work."""
+    nodes = {n.__name__: n for n in comfyui.mod("nodes").NODES}
+    init = harness.run_node(nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    common = dict(model=sd2.model, clip=sd2.clip, vae=sd2.vae, init=init, images=images)
+    tokens = harness.training_options(g_reading="tokens")
+    prof = harness.run_node(nodes["GradNormProfiler"], **common, bins=2, samples_per_bin=2, batch_size=2, window=100,
+                            seed=0, options=tokens).args[0]
+    assert prof.reading == "tokens"
+    out = harness.run_node(nodes["TrainTextualInversion"], **common, name="g-reading", method="adaptive", steps=2,
+                           learning_rate=0.0, batch_size=1, seed=0, if_exists="overwrite", profile=prof, options=tokens)
+    assert out.args[0].metadata["steps"] == "2"
+    with pytest.raises(ValueError, match="profile: measured with g_reading = tokens but this run uses context"):
+        harness.run_node(nodes["TrainTextualInversion"], **common, name="g-reading", method="adaptive", steps=2,
+                         learning_rate=0.0, batch_size=1, seed=0, if_exists="overwrite", profile=prof)

@@ -24,6 +24,7 @@ export const COLORS = {
   window: "rgba(255, 214, 90, 0.18)",
   norm: "#b07ad8",
   target: "#e25555",
+  score: "#3fc6a8",
 };
 
 /** A tick label for v on an axis spanning `span`. */
@@ -186,11 +187,38 @@ function header(ctx, text) {
   ctx.fillText(text, 8, 6);
 }
 
+/** A dashed vertical line at `step` with a label; a ring on the curve at (step, y) when y is given. */
+function markStep(ax, step, color, label, y = null) {
+  const { ctx } = ax;
+  const [, t, , b] = ax.box;
+  const x = ax.px(step);
+  ctx.strokeStyle = color;
+  ctx.lineWidth = 1.5;
+  ctx.setLineDash([5, 4]);
+  ctx.beginPath();
+  ctx.moveTo(x, t);
+  ctx.lineTo(x, b);
+  ctx.stroke();
+  ctx.setLineDash([]);
+  ctx.fillStyle = color;
+  ctx.font = "10px sans-serif";
+  ctx.textAlign = "right";
+  ctx.textBaseline = "top";
+  ctx.fillText(label, x - 3, y === null ? t + 3 : Math.min(b - 12, ax.py(y) + 6));
+  if (y !== null) {
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.arc(x, ax.py(Math.min(Math.max(y, ax.ylim[0]), ax.ylim[1])), 4, 0, 2 * Math.PI);
+    ctx.stroke();
+  }
+}
+
 export function drawTrain(ctx, w, h, d) {
   const last = d.loss.length ? d.loss[d.loss.length - 1] : NaN;
   const laststep = d.step.length ? d.step[d.step.length - 1] : 0;
   header(ctx, `${d.method || "training"}  step ${laststep}${d.total ? "/" + d.total : ""}` +
-    (finite(last) ? `  loss ${last.toPrecision(4)}` : ""));
+    (finite(last) ? `  loss ${last.toPrecision(4)}` : "") +
+    (finite(d.best_step) && finite(d.best_score) ? `  best step ${d.best_step} (${d.best_score.toPrecision(4)})` : ""));
   const ml = 44;
   const mr = 16;
   const gap = 40;
@@ -200,11 +228,21 @@ export function drawTrain(ctx, w, h, d) {
   else {
     const a = smoothingFor(d.loss.length);
     const [s0, s1] = minmax(d.step);
-    const ax = new Axes(ctx, top, [s0, s1], limits(d.loss));
+    const score = d.score ?? [];
+    const ax = new Axes(ctx, top, [s0, s1], limits(d.loss.concat(score)));
     ax.frame("loss", { xint: true });
     ax.line(d.step, d.loss, COLORS.raw, 1);
     ax.line(d.step, ema(d.loss, a), COLORS.smooth, 2);
-    ax.legend([["raw", COLORS.raw], [`EMA ${a.toFixed(2)}`, COLORS.smooth]]);
+    const keys = [["raw", COLORS.raw], [`EMA ${a.toFixed(2)}`, COLORS.smooth]];
+    if (score.some(finite)) {
+      ax.line(d.score_step, score, COLORS.score, 2);
+      keys.push(["score", COLORS.score]);
+    }
+    if (finite(d.stop_step)) markStep(ax, d.stop_step, COLORS.target, `early stop ${d.stop_step}`);
+    if (finite(d.best_step) && finite(d.best_score)) {
+      markStep(ax, d.best_step, COLORS.score, `best ${d.best_step}`, d.best_score);
+    }
+    ax.legend(keys);
   }
   const T = d.num_timesteps || 1000;
   const hasG = Array.isArray(d.g_estimate) && d.g_estimate.some(finite);

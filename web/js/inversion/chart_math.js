@@ -32,6 +32,7 @@ function emptyTrain() {
   return {
     kind: "train", step: [], loss: [], timesteps: [], vector_norm: [], lr: [], grad_norm: [],
     g_estimate: null, bin_edges: null, target_norm: null, num_timesteps: 1000, method: "", total: 0,
+    score_step: [], score: [], best_step: null, best_score: null, stop_step: null,
   };
 }
 
@@ -51,6 +52,12 @@ export function fromOutput(d) {
   out.num_timesteps = finite(d.num_timesteps) && d.num_timesteps > 0 ? d.num_timesteps : 1000;
   out.method = String(d.method ?? "");
   out.total = finite(d.total) ? d.total : out.step.length ? out.step[out.step.length - 1] : 0;
+  out.score = (d.score ?? []).map(num);
+  out.score_step = (d.score_step ?? []).map(num).slice(0, out.score.length);
+  out.score.length = out.score_step.length;
+  [out.best_step, out.best_score] = finite(d.best_step) && finite(d.best_score)
+    ? [d.best_step, d.best_score] : bestScore(out.score_step, out.score);
+  out.stop_step = finite(d.stop_step) ? d.stop_step : null;
   out.final = true;
   return out;
 }
@@ -88,7 +95,22 @@ export function appendTrain(data, e) {
   if (finite(e.num_timesteps) && e.num_timesteps > 0) data.num_timesteps = e.num_timesteps;
   if (e.method) data.method = String(e.method);
   if (finite(e.total)) data.total = e.total;
+  if (finite(e.score)) {
+    data.score_step.push(step);
+    data.score.push(e.score);
+    [data.best_step, data.best_score] = bestScore(data.score_step, data.score);
+  }
+  if (finite(e.stop_step)) data.stop_step = e.stop_step;
   return data;
+}
+
+/** [step, score] of the lowest finite score, the earliest on a tie (inversion/score.py best_step); [null, null] if none. */
+export function bestScore(steps, scores) {
+  let best = [null, null];
+  for (let i = 0; i < scores.length; i++) {
+    if (finite(steps[i]) && finite(scores[i]) && (best[1] === null || scores[i] < best[1])) best = [steps[i], scores[i]];
+  }
+  return best;
 }
 
 /** The chart data in a node's UI output (the last `inversion_chart` entry), or null. */
