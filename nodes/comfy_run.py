@@ -21,6 +21,7 @@ import folder_paths
 from ..inversion.embedding import validate_name
 
 __all__ = ["EVENT", "WARNING_EVENT", "UI_KEY", "TrainReporter", "send_event", "warn_user", "check_cancel",
+           "progress_callback",
            "embeddings_dir", "embedding_path", "history_payload"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,18 @@ def warn_user(node_id: str | None, message: str) -> None:
     """
     log.warning("%s", message)
     _send(WARNING_EVENT, {"node": None if node_id is None else str(node_id), "message": str(message)})
+
+
+def progress_callback(total: int, node_id: str | None = None):
+    """A library progress callback (any ``inversion.progress.Progress``): ComfyUI's progress bar, and
+    its Cancel check after every report."""
+    bar = comfy.utils.ProgressBar(max(1, total), node_id=node_id)
+
+    def callback(p) -> None:
+        check_cancel()
+        bar.update_absolute(p.step, max(1, p.total or total))
+
+    return callback
 
 
 def _mean(values) -> float | None:

@@ -22,7 +22,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..inversion import charts, dataset, ovi
-from .comfy_run import warn_user
+from .comfy_run import progress_callback, warn_user
 from .downloads import NONE, installed_names
 from .folders import OPEN_CLIP, OVI_STATS, model_dirs, mtime, resolve_folder, safe_file_name
 from .model_cache import load_open_clip, on_compute_device, vision_tower
@@ -38,17 +38,6 @@ FROM_CLIP = "(from the clip input)"
 
 def _stats_names() -> list[str]:
     return [NONE] + folder_paths.get_filename_list(OVI_STATS)
-
-
-def _progress(total: int):
-    """A library callback (any ``Progress``): ComfyUI's progress bar and its Cancel check."""
-    bar = comfy.utils.ProgressBar(max(1, total))
-
-    def callback(p) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(p.step, max(1, p.total or total))
-
-    return callback
 
 
 class OVIPrior(io.ComfyNode):
@@ -128,7 +117,7 @@ class OVIPrior(io.ComfyNode):
                     f"in {tower.embed_dim}-d; use the text side of the same CLIP (SD2.x CLIP with clip_vision_h)"
                 )
             with on_compute_device(tower.model):
-                result = ovi.optimize_visual_inversion(tower, target.clone(), settings, stats, _progress(steps))
+                result = ovi.optimize_visual_inversion(tower, target.clone(), settings, stats, progress_callback(steps))
         out = comfy.clip_vision.Output()
         embeds = result.embeds.reshape(1, -1).to(comfy.model_management.intermediate_device())
         out["image_embeds"] = embeds  # 2-D [1, D]: unclip_adm iterates rows

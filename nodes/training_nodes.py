@@ -12,8 +12,6 @@ from dataclasses import replace
 
 import torch
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
 from ..inversion import charts
@@ -27,7 +25,7 @@ from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_conce
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_host, training_precision,
                          with_compute_dtype)
-from .comfy_run import UI_KEY, TrainReporter, check_cancel, history_payload, send_event
+from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .run_files import IF_EXISTS, RunFiles, migrate_side_files
 from .types import DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType
 
@@ -155,12 +153,7 @@ class GradNormProfiler(io.ComfyNode):
         concept = concept_data(model, clip, vae, init, "profile", images=images, masks=masks, dataset=dataset,
                                flip=opts.flip)
         total = -(-bins * samples_per_bin // batch_size)
-        bar = comfy.utils.ProgressBar(total, node_id=node)
-
-        def progress(p) -> None:
-            bar.update_absolute(p.step, p.total)
-            check_cancel()
-
+        progress = progress_callback(total, node)
         with training_host(model, clip) as host:
             profile = profile_gradients(host.text_side, host.denoiser, [concept], bins=bins,
                                         samples_per_bin=samples_per_bin, batch_size=batch_size, seed=seed,
@@ -263,9 +256,8 @@ class TrainTextualInversion(io.ComfyNode):
                 images=None, masks=None, dataset=None, profile=None, options=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
-        reading = getattr(profile, "reading", "context")
-        if profile is not None and reading != opts.g_reading:
-            raise ValueError(f"profile: measured with g_reading = {reading} but this run uses {opts.g_reading}; "
+        if profile is not None and profile.reading != opts.g_reading:
+            raise ValueError(f"profile: measured with g_reading = {profile.reading} but this run uses {opts.g_reading}; "
                              "set the same g_reading on the Training Options wired into both nodes")
         files, resume = RunFiles.open(name.strip(), if_exists, node)
         concept = concept_data(model, clip, vae, init, name.strip(), images=images, masks=masks, dataset=dataset,
