@@ -613,14 +613,22 @@ class Trainer:
         warnings = self._guard_norms()
         if self.scaler is not None:
             self.scaler.update(True)
-        return StepInfo(
-            step=self.step, total=cfg.steps, loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr,
-            timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
-            vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
-            elapsed=0.0, sampler=self.sampler.describe(), warnings=warnings,
-            loss_scale=None if self.scaler is None else self.scaler.scale,
-            **self.sampler.report(), **self.optimizer.report(),
-        )
+        return self._step_info(loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr, timesteps=t_all.tolist(),
+                               grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()), warnings=warnings,
+                               loss_scale=None if self.scaler is None else self.scaler.scale)
+
+    def _step_info(self, **fields) -> StepInfo:
+        """The step just done as plain data: ``fields`` plus what every report carries (the vectors'
+        norms, the sampler's and the optimiser's reports)."""
+        return StepInfo(step=self.step, total=self.config.steps, elapsed=0.0, sampler=self.sampler.describe(),
+                        vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
+                        **fields, **self.sampler.report(), **self.optimizer.report())
+
+    def _restore_good(self) -> None:
+        """Put the last good vectors (``_good``) back into the trainable parameters."""
+        with torch.no_grad():
+            for k, v in self.params.items():
+                v.copy_(self._good[k])
 
     def _skip_step(self, what: str, losses: list[float], ts: list[torch.Tensor]) -> StepInfo:
         """Dynamic loss scaling: the ``what`` ("loss" / "gradient") overflowed, so the step changes
@@ -632,9 +640,7 @@ class Trainer:
         self.scaler.update(False)
         precision = cfg.autocast_dtype or "reduced precision"
         if self.scaler.skips >= self.scaler.max_skips:
-            with torch.no_grad():
-                for k, v in self.params.items():
-                    v.copy_(self._good[k])
+            self._restore_good()
             raise TrainingDiverged(
                 f"the {what} overflowed ({precision}: NaN/inf) in {self.scaler.skips} steps in a row, up to step "
                 f"{self.step + 1}, although dynamic loss scaling lowered the scale to {self.scaler.scale:g}: this "
@@ -655,13 +661,9 @@ class Trainer:
         t_all = torch.cat(ts)
         finite = [x for x in losses if math.isfinite(x)]
         loss = sum(finite) / len(finite) if finite else (self.history.loss[-1] if self.history.loss else 0.0)
-        return StepInfo(
-            step=self.step, total=cfg.steps, loss=loss, reg_loss=0.0, lr=lr,
-            timesteps=t_all.tolist(), grad_norms=[0.0] * len(t_all), grad_norm=0.0,
-            vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
-            elapsed=0.0, sampler=self.sampler.describe(), warnings=warnings, skipped=True,
-            loss_scale=self.scaler.scale, **self.sampler.report(), **self.optimizer.report(),
-        )
+        return self._step_info(loss=loss, reg_loss=0.0, lr=lr, timesteps=t_all.tolist(),
+                               grad_norms=[0.0] * len(t_all), grad_norm=0.0, warnings=warnings, skipped=True,
+                               loss_scale=self.scaler.scale)
 
     def norm_ratio(self) -> tuple[float, str]:
         """The largest learned-vector norm over the largest word norm, and the encoder it is in."""
@@ -706,9 +708,7 @@ class Trainer:
                 f"learning rate (now {self.lr:g}), fewer steps, or a directional method."]
 
     def _diverged(self, what: str) -> TrainingDiverged:
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(self._good[k])
+        self._restore_good()
         return TrainingDiverged(
             f"{what}. Training stopped; the last good vectors (step {self.step}) are kept. "
             f"Lower the learning rate (now {self.lr:g}), use fp32 instead of "
