@@ -202,21 +202,28 @@ SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch
 
 def build_sd15_checkpoint(path: str, seed: int = 0) -> str:
     """Write a random SD1.5 checkpoint that CheckpointLoaderSimple detects as SD15/EPS."""
-    import comfy.ldm.models.autoencoder as ae
     import comfy.sd1_clip
     import comfy.supported_models
-    import comfy.utils
 
     config = comfy.supported_models.SD15(dict(SD15_UNET, dtype=torch.float32))
     config.set_inference_dtype(torch.float32, None)
-    model = randomize_(config.get_model({}), seed)
-    clip = randomize_(comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32), seed + 1, text_std=0.02)
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    return _write_random_checkpoint(path, config.get_model({}), clip, seed, "comfyui-inversion tests")
+
+
+def _write_random_checkpoint(path: str, model, clip, seed: int, generator: str) -> str:
+    """Randomise ``model`` and ``clip`` (and a fresh SD VAE), save them as one fp16 checkpoint at ``path``."""
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.utils
+
+    model = randomize_(model, seed)
+    clip = randomize_(clip, seed + 1, text_std=0.02)
     vae = randomize_(ae.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4), seed + 2)
     sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
     del model, clip, vae
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     tmp = f"{path}.{os.getpid()}.tmp"
-    comfy.utils.save_torch_file(sd, tmp, metadata={"generator": "comfyui-inversion tests", "version": CACHE_VERSION})
+    comfy.utils.save_torch_file(sd, tmp, metadata={"generator": generator, "version": CACHE_VERSION})
     os.replace(tmp, path)  # atomic: a concurrent run never sees a half-written file
     return path
 
@@ -331,24 +338,14 @@ SDXL_UNET = dict(
 def build_sdxl_checkpoint(path: str, seed: int = 0) -> str:
     """Write a random full-size SDXL base checkpoint (2.6 B UNet, clip_l + clip_g, VAE; ~7 GB fp16)
     that CheckpointLoaderSimple detects as SDXL; built in fp16 to keep the peak memory near 8 GB."""
-    import comfy.ldm.models.autoencoder as ae
     import comfy.sdxl_clip
     import comfy.supported_models
-    import comfy.utils
 
     unet = dict(SDXL_UNET, dtype=torch.float16)
     config = comfy.supported_models.SDXL(unet)
     config.set_inference_dtype(torch.float16, None)
-    model = randomize_(config.get_model({}), seed)
-    clip = randomize_(comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16), seed + 1, text_std=0.02)
-    vae = randomize_(ae.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4), seed + 2)
-    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
-    del model, clip, vae
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    comfy.utils.save_torch_file(sd, tmp, metadata={"generator": "comfyui-inversion benchmarks", "version": CACHE_VERSION})
-    os.replace(tmp, path)
-    return path
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    return _write_random_checkpoint(path, config.get_model({}), clip, seed, "comfyui-inversion benchmarks")
 
 
 def sdxl_checkpoint() -> str:
