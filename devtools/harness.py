@@ -11,6 +11,10 @@ ComfyUI's own ``tests`` package nor its ``nodes`` module can shadow, whatever th
   trivial; text encoder: N(0, 0.02); saved fp16 in the original LDM key layout via
   ``BaseModel.state_dict_for_saving``) and caches it outside the repository; ``sdxl_checkpoint()``
   does the same for a full-size SDXL base (``benchmarks/train_speed.py``, on a GPU).
+- ``sd21_unclip_h_checkpoint()`` builds, once, a random full-size SD2.1 unCLIP-H checkpoint the same
+  way (SD2 UNet with the 2048-d unCLIP ADM input, OpenCLIP-H text encoder, VAE, and the ViT-H/14
+  CLIP vision tower under ``embedder.model.visual.``) that ``unCLIPCheckpointLoader`` loads as
+  SD21UnclipH, v-prediction, with a CLIP_VISION output (``tests/comfy/test_browser.py``, example 08).
 - ``tiny_sdxl()`` / ``tiny_sd2()``: small ComfyUI MODEL/CLIP/VAE objects of the SDXL
   (clip_l + clip_g, pooled, ADM ``y``) and SD2 (clip_h, v-prediction) families, built with
   ComfyUI's classes and tiny configs, their weights made inference tensors as the loaders do.
@@ -211,16 +215,24 @@ def build_sd15_checkpoint(path: str, seed: int = 0) -> str:
     return _write_random_checkpoint(path, config.get_model({}), clip, seed, "comfyui-inversion tests")
 
 
-def _write_random_checkpoint(path: str, model, clip, seed: int, generator: str) -> str:
-    """Randomise ``model`` and ``clip`` (and a fresh SD VAE), save them as one fp16 checkpoint at ``path``."""
+def _write_random_checkpoint(path: str, model, clip, seed: int, generator: str, clip_vision=None,
+                             after_randomize=None) -> str:
+    """Randomise ``model`` and ``clip`` (and a fresh SD VAE; ``clip_vision``, a ComfyUI ``ClipVisionModel``,
+    when given), save them as one fp16 checkpoint at ``path`` through ``BaseModel.state_dict_for_saving``
+    (ComfyUI's own checkpoint writer). ``after_randomize(model)`` may adjust the random weights."""
     import comfy.ldm.models.autoencoder as ae
     import comfy.utils
 
     model = randomize_(model, seed)
+    if after_randomize is not None:
+        after_randomize(model)
     clip = randomize_(clip, seed + 1, text_std=0.02)
     vae = randomize_(ae.AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4), seed + 2)
-    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
-    del model, clip, vae
+    vision_sd = None
+    if clip_vision is not None:  # CLIP's own init convention, as for the text encoder
+        vision_sd = randomize_(clip_vision.model, seed + 3, text_std=0.02).state_dict()
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict(), vision_sd)
+    del model, clip, vae, vision_sd, clip_vision
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     tmp = f"{path}.{os.getpid()}.tmp"
     comfy.utils.save_torch_file(sd, tmp, metadata={"generator": generator, "version": CACHE_VERSION})
@@ -353,4 +365,53 @@ def sdxl_checkpoint() -> str:
     path = os.path.join(cache_dir(), SDXL_NAME)
     if not os.path.isfile(path):
         build_sdxl_checkpoint(path)
+    return path
+
+
+# ---------------------------------------------------------------- SD2.1 unCLIP-H, full size (example 08)
+
+UNCLIP_H_NAME = f"sd21-unclip-h-random-{CACHE_VERSION}.safetensors"
+SD21_UNCLIP_H_UNET = dict(  # SD2.x's UNet; the ADM input takes [image embed 1024, noise-level embed 1024]
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2048, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+    use_linear_in_transformer=True, context_dim=1024, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+V_PRED_BIAS = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # supported_models.SD20.model_type reads its std
+
+
+def _spread_v_pred_bias(model) -> None:
+    """ComfyUI tells SD2 v-prediction from eps by the spread (std > 0.09) of one LayerNorm bias; a random
+    model has it at 0 (eps). Give it std 0.2, as trained v-models have, so the file loads as V_PREDICTION."""
+    bias = model.diffusion_model.state_dict()[V_PRED_BIAS]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bias.copy_(torch.randn(bias.shape, generator=g) * 0.2)
+
+
+def build_sd21_unclip_h_checkpoint(path: str, seed: int = 0) -> str:
+    """Write a random full-size SD2.1 unCLIP-H checkpoint (0.87 B UNet, OpenCLIP-H text encoder, VAE and the
+    0.63 B ViT-H/14 vision tower; ~3.9 GB fp16) that ``unCLIPCheckpointLoader`` detects as ``SD21UnclipH``,
+    v-prediction, and returns a CLIP_VISION for (``comfy/clip_vision_config_h.json``: 32 layers, 1280 wide,
+    1024-d projection). Built in fp16 to keep the peak memory near the file's size."""
+    import comfy.clip_vision
+    import comfy.supported_models
+    import comfy.text_encoders.sd2_clip as sd2_clip
+
+    config = comfy.supported_models.SD21UnclipH(dict(SD21_UNCLIP_H_UNET, dtype=torch.float16))
+    config.set_inference_dtype(torch.float16, None)
+    clip = sd2_clip.SD2ClipModel(device="cpu", dtype=torch.float16)
+    vision_config = os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_h.json")
+    clip_vision = comfy.clip_vision.ClipVisionModel(vision_config)
+    clip_vision.model.to(torch.float16)
+    return _write_random_checkpoint(path, config.get_model({}), clip, seed, "comfyui-inversion tests",
+                                    clip_vision=clip_vision, after_randomize=_spread_v_pred_bias)
+
+
+def sd21_unclip_h_checkpoint() -> str:
+    """Path of the cached random SD2.1 unCLIP-H checkpoint, built on first use (~3.9 GB; see README for timings)."""
+    path = os.path.join(cache_dir(), UNCLIP_H_NAME)
+    if not os.path.isfile(path):
+        build_sd21_unclip_h_checkpoint(path)
     return path

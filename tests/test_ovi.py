@@ -148,3 +148,80 @@ def test_runs_from_an_inference_mode_context(towers):
         stats.mahalanobis(t)  # caches the Cholesky factor as an inference tensor
         res = ovi.optimize_visual_inversion(vision, t, ovi.OVISettings(steps=5, lambda_m=0.01, lambda_n=0.1), stats)
     assert res.similarity.shape == (6, 1) and torch.isfinite(res.embeds).all()
+
+
+def _reference_ledoit_wolf(x):
+    """The estimator written out in one pass over all rows (the pre-chunking formula)."""
+    x = x.double()
+    m, d = x.shape
+    xc = x - x.mean(0, keepdim=True)
+    s = xc.T @ xc / m
+    mu = float(torch.trace(s)) / d
+    d2 = float((s - mu * torch.eye(d, dtype=s.dtype)).pow(2).sum())
+    sq = xc.pow(2).sum(1)
+    b2 = float((sq.pow(2) - 2 * ((xc @ s) * xc).sum(1) + s.pow(2).sum()).sum()) / m ** 2
+    delta = min(max(b2, 0.0), d2) / d2
+    return ((1 - delta) * s + delta * mu * torch.eye(d, dtype=s.dtype)).float(), delta
+
+
+def test_ledoit_wolf_in_chunks_equals_one_pass():
+    """A large bank is summed a chunk of rows at a time; the estimate does not depend on the chunking."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g) * torch.linspace(0.5, 3, 7) + 2.0
+    ref, ref_delta = _reference_ledoit_wolf(x)
+    for chunk in (1, 7, 50, 4096):
+        sigma, delta = ovi.ledoit_wolf(x, chunk=chunk)
+        assert delta == pytest.approx(ref_delta, rel=1e-9, abs=1e-12)
+        torch.testing.assert_close(sigma, ref)
+
+
+def test_blank_image_embedding_is_the_encoder_on_a_zero_input(towers):
+    """seeds/004 Fig. 1's fix (the ECLIPSE default): the negative embedding is f_img(0), the encoder's own
+    output for an all-zero normalised input, not a zero vector."""
+    vision, _ = towers
+    z = ovi.blank_image_embedding(vision)
+    ref = vision.model(pixel_values=torch.zeros(1, 3, vision.image_size, vision.image_size)).image_embeds
+    assert z.shape == (1, vision.embed_dim)
+    torch.testing.assert_close(z, ref.float())
+    assert z.norm() > 0
+    # the same as an image filled with CLIP's mean colour, through the ordinary preprocessing
+    mean_colour = torch.tensor(vision.mean).view(1, 3, 1, 1).expand(1, 3, 40, 48)
+    torch.testing.assert_close(vision.encode_images(mean_colour), z)
+    with pytest.raises(ValueError, match="normalised pixels"):
+        vision.encode_pixels(torch.zeros(1, 3, vision.image_size + 1, vision.image_size))
+
+
+def test_image_folder_is_streamed_in_batches(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for name in ("a.png", "b.jpg", "sub/c.png", "sub/d.webp", ".hidden/e.png", "f.png"):
+        pixels = (torch.rand(30 + len(name), 50, 3, generator=rng) * 255).byte().numpy()
+        Image.fromarray(pixels).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("not an image either")
+    flat = ovi.image_files(tmp_path)
+    deep = ovi.image_files(tmp_path, recursive=True)
+    assert [p.name for p in flat] == ["a.png", "b.jpg", "broken.png", "f.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in deep] == ["a.png", "b.jpg", "broken.png", "f.png",
+                                                                  "sub/c.png", "sub/d.webp"]
+    skipped = []
+    batches = list(ovi.image_batches(deep, 24, batch_size=2, on_skip=lambda p, why: skipped.append(p.name)))
+    assert [b.shape for b, _ in batches] == [(2, 3, 24, 24)] * 2 + [(1, 3, 24, 24)]
+    assert [p.name for _, files in batches for p in files] == ["a.png", "b.jpg", "f.png", "c.png", "d.webp"]
+    assert skipped == ["broken.png"]
+    assert all(0 <= float(b.min()) and float(b.max()) <= 1 for b, _ in batches)
+    with pytest.raises(ValueError, match="does not exist"):
+        ovi.image_files(tmp_path / "missing")
+
+
+def test_stats_from_a_lazy_stream_equal_stats_from_a_batch(towers, tmp_path):
+    """build_image_stats takes an iterable of batches (a folder read lazily) and gets the same statistics."""
+    vision, _ = towers
+    imgs = _images(5, seed=2)
+    whole = ovi.build_image_stats(vision, imgs)
+    streamed = ovi.build_image_stats(vision, (imgs[i:i + 2] for i in range(0, 5, 2)))
+    torch.testing.assert_close(streamed.bank, whole.bank)
+    torch.testing.assert_close(streamed.covariance, whole.covariance)

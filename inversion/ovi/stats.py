@@ -35,23 +35,33 @@ __all__ = [
 STATS_KIND = "inversion.ovi.image_stats"  # the header's "kind": what wrote the file (kept across moves)
 
 
-def ledoit_wolf(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def ledoit_wolf(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, float]:
     """Ledoit-Wolf shrinkage of the covariance of rows ``x`` [M, D]: (Sigma, delta).
 
     Sigma = (1 - delta) S + delta * mu I, with S the (1/M) sample covariance, mu = tr(S)/D and the
     delta that minimises the expected Frobenius error (Ledoit & Wolf 2004, "A well-conditioned
     estimator for large-dimensional covariance matrices"). With M << D delta is near 1, i.e. an
-    isotropic covariance at the data's average variance, which is what a handful of images supports.
+    isotropic covariance at the data's average variance, which is what a handful of images supports;
+    with M >> D (a large image set) delta is small and Sigma is close to the sample covariance.
+    Sums run over ``chunk`` rows at a time in float64, so a large bank never needs an [M, D] float64 copy.
     """
-    x = x.double()
     m, d = x.shape
-    xc = x - x.mean(0, keepdim=True)
-    s = xc.T @ xc / m
+    mean = x.double().mean(0) if m <= chunk else sum(x[i:i + chunk].double().sum(0) for i in range(0, m, chunk)) / m
+    s = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(0, m, chunk):
+        xc = x[i:i + chunk].double() - mean
+        s += xc.T @ xc
+    s /= m
     mu = float(torch.trace(s)) / d
     d2 = float((s - mu * torch.eye(d, dtype=s.dtype)).pow(2).sum())
-    sq = xc.pow(2).sum(1)  # ||x_k||^2
     # sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - 2 x_k^T S x_k + ||S||_F^2
-    b2_bar = float((sq.pow(2) - 2 * ((xc @ s) * xc).sum(1) + s.pow(2).sum()).sum()) / m ** 2
+    s_sq = float(s.pow(2).sum())
+    b2_sum = 0.0
+    for i in range(0, m, chunk):
+        xc = x[i:i + chunk].double() - mean
+        sq = xc.pow(2).sum(1)  # ||x_k||^2
+        b2_sum += float((sq.pow(2) - 2 * ((xc @ s) * xc).sum(1)).sum()) + xc.shape[0] * s_sq
+    b2_bar = b2_sum / m ** 2
     delta = 1.0 if d2 <= 0 else min(max(b2_bar, 0.0), d2) / d2
     sigma = (1 - delta) * s + delta * mu * torch.eye(d, dtype=s.dtype)
     return sigma.float(), float(delta)

@@ -48,6 +48,10 @@ class VisionTower(Protocol):
         """Images [B, 3, H, W] in [0, 1] -> projected embeddings [B, D] (float32)."""
         ...
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised pixel values [B, 3, S, S] (after mean/std) -> projected embeddings [B, D] (float32)."""
+        ...
+
     def token_scale(self) -> float:
         """Typical RMS of a real patch embedding, the scale pseudo-tokens start at."""
         ...
@@ -128,9 +132,15 @@ class HFVisionTower:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.encode_pixels(clip_preprocess(images, self.image_size, self.mean, self.std))
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"normalised pixels must be [B, 3, {s}, {s}], got {tuple(pixels.shape)}")
         p = self._param
-        pixels = clip_preprocess(images, self.image_size, self.mean, self.std).to(p.device, p.dtype)
-        return self.model(pixel_values=pixels).image_embeds.float()
+        return self.model(pixel_values=pixels.to(p.device, p.dtype)).image_embeds.float()
 
     @torch.no_grad()
     def token_scale(self) -> float:

@@ -3,12 +3,16 @@
 - OVIPrior's CLIP_VISION_OUTPUT is accepted by the stock unCLIPConditioning node, its 2-D
   ``image_embeds`` becomes the unCLIP ADM vector, and sampling an SD2.1-unCLIP-style model runs
   and is steered by it;
+- example 08's negative conditioning carries its own unCLIP image embedding, the blank image's
+  (seeds/004 Fig. 1), not ComfyUI's zero ADM vector; or OVI of the negative prompt;
+- Build Image Stats streams a folder in batches, with a progress bar and Cancel;
 - an SD1 CLIP is refused with a message that names the problem;
 - CaptionInit gives one vector per token for the CLIP's text encoder (manual and caption modes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -86,11 +90,12 @@ def test_ovi_output_drives_unclip_sampling(env, tmp_path):
     _, clip, _ = harness.tiny_sd2()
     with torch.inference_mode():  # as the executor runs a node
         out = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a photo of a red car", clip=clip, steps=25)
-    cvo, chart, sim = out.args
+    cvo, chart, sim, negative = out.args
     emb = cvo["image_embeds"]
     assert emb.ndim == 2 and tuple(emb.shape) == (1, EMBED)
     assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3
     assert isinstance(sim, float) and -1.0 <= sim <= 1.0
+    assert negative["image_embeds"].ndim == 2 and tuple(negative["image_embeds"].shape) == (1, EMBED)
 
     model = _tiny_unclip()
     nodes = env.nodes
@@ -228,3 +233,118 @@ def test_ovi_with_an_open_clip_text_encoder_checks_the_joint_space(env, tmp_path
     assert OPEN_CLIP_TINY["embed_dim"] != EMBED
     with torch.inference_mode(), pytest.raises(ValueError, match="same CLIP"):
         env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a cat", text_encoder="tiny-oc-text", steps=2)
+
+
+def _example(stem):
+    """A workflow spec of tools/example_specs.py (loaded by path: ComfyUI has a ``tools`` of its own)."""
+    path = os.path.join(harness.ROOT, "tools", "example_specs.py")
+    spec = importlib.util.spec_from_file_location("inversion_example_specs", path)
+    mod = sys.modules.get(spec.name)
+    if mod is None:
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(mod)
+    return next(w for w in mod.WORKFLOWS if w.stem == stem)
+
+
+def _source(wf, key, inp):
+    """(node, output name) that feeds input ``inp`` of node ``key`` in a spec."""
+    (a, out), = [(a, out) for a, out, b, i in wf.links if b == key and i == inp]
+    return next(n for n in wf.nodes if n.key == a), out
+
+
+def test_example_08_negative_conditioning_gets_the_blank_image_embedding(env, tmp_path):
+    """seeds/004 Fig. 1: the negative side needs its own image embedding (a zero one casts violet). In
+    example 08 the sampler's negative is unCLIPConditioning(negative prompt, OVI Prior's negative output),
+    and that entry holds f_img(0), ComfyUI's own encoder on an all-zero normalised input."""
+    wf = _example("08_ovi_prior_sd21_unclip")
+    unclip_neg, out = _source(wf, "sampler", "negative")
+    assert (unclip_neg.type, out) == ("unCLIPConditioning", "CONDITIONING")
+    text_node, _ = _source(wf, unclip_neg.key, "conditioning")
+    ovi_node, ovi_out = _source(wf, unclip_neg.key, "clip_vision_output")
+    assert text_node.type == "CLIPTextEncode" and (ovi_node.type, ovi_out) == ("InversionOVIPrior",
+                                                                               "negative_clip_vision_output")
+    widgets = unclip_neg.widgets
+
+    cv = _tiny_clip_vision(tmp_path, seed=5)
+    _, clip, _ = harness.tiny_sd2()
+    model = _tiny_unclip()
+    nodes = env.nodes
+    with torch.inference_mode():
+        names = [o.id for o in env.ovi.OVIPrior.define_schema().outputs]
+        out = env.ovi.OVIPrior.execute(clip_vision=cv, prompt=ovi_node.widgets["prompt"], clip=clip, steps=3)
+        negative = out.args[names.index(ovi_out)]
+        (neg,) = nodes.CLIPTextEncode().encode(clip, text_node.widgets["text"])
+        (cond,) = nodes.unCLIPConditioning().apply_adm(neg, negative, widgets["strength"],
+                                                       widgets["noise_augmentation"])
+        entries = cond[0][1]["unclip_conditioning"]
+        ref = cv.model(pixel_values=torch.zeros(1, 3, cv.image_size, cv.image_size), intermediate_output=-2)[2]
+        adm = model.model.encode_adm(unclip_conditioning=entries, device=torch.device("cpu"))
+        zero = model.model.encode_adm(device=torch.device("cpu"))  # what the negative got before
+    emb = entries[0]["clip_vision_output"].image_embeds
+    assert len(entries) == 1 and emb.shape == (1, EMBED)
+    torch.testing.assert_close(emb.float(), ref.float(), rtol=1e-2, atol=4e-3 * float(ref.abs().max()))
+    assert not torch.equal(out.args[0]["image_embeds"], emb)  # not the prompt's embedding either
+    assert zero.abs().max() == 0 and adm[:, :EMBED].abs().max() > 0
+
+
+def test_ovi_negative_prompt_mode_optimises_toward_the_negative_text(env, tmp_path):
+    cv = _tiny_clip_vision(tmp_path, seed=6)
+    _, clip, _ = harness.tiny_sd2()
+    tower_text = env.adapters.ComfyClipTextTower(clip)
+    with torch.inference_mode():
+        blank = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a red car", clip=clip, steps=40, lr=0.1)
+        own = env.ovi.OVIPrior.execute(clip_vision=cv, prompt="a red car", clip=clip, steps=40, lr=0.1,
+                                       negative=env.ovi.NEG_PROMPT, negative_prompt="a green sofa indoors")
+        t_pos, t_neg = tower_text.encode_text(["a red car", "a green sofa indoors"]).split(1)
+    ovi_lib = sys.modules[env.ovi.__name__.rsplit(".nodes.", 1)[0] + ".inversion.ovi"]
+    with torch.inference_mode(False):
+        ref = ovi_lib.optimize_visual_inversion(env.ovi.vision_tower(cv), torch.cat([t_pos, t_neg]),
+                                                ovi_lib.OVISettings(steps=40, lr=0.1))
+    # the negative output is OVI toward the negative text, optimised as the second row beside the prompt
+    torch.testing.assert_close(own.args[3]["image_embeds"].float(), ref.embeds[1:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(own.args[0]["image_embeds"].float(), ref.embeds[0:1], rtol=1e-4, atol=1e-5)
+    cos = lambda o, t: float(torch.cosine_similarity(o["image_embeds"].float(), t)[0])  # noqa: E731
+    assert cos(own.args[3], t_neg) > cos(blank.args[3], t_neg) + 0.1  # moved toward its text
+    assert own.args[3]["image_embeds"].shape == (1, EMBED)
+
+
+def test_build_image_stats_streams_a_folder_in_batches_and_cancels(env, tmp_path, monkeypatch):
+    """A folder is decoded batch_size images at a time (never all at once), sub-folders on request; Cancel
+    stops it between batches and writes nothing."""
+    import comfy.model_management
+    from PIL import Image
+
+    folder = os.path.join(env.folder_paths.get_input_directory(), "stats_stream")
+    os.makedirs(os.path.join(folder, "more"), exist_ok=True)
+    for i in range(5):
+        sub = "more" if i >= 3 else ""
+        Image.fromarray((torch.rand(30, 40, 3) * 255).byte().numpy()).save(os.path.join(folder, sub, f"{i}.png"))
+    cv = _tiny_clip_vision(tmp_path, seed=7)
+    seen = []
+    encode = cv.encode_image
+    monkeypatch.setattr(cv, "encode_image", lambda image, crop=True: seen.append(image.shape[0]) or encode(image, crop))
+    with torch.inference_mode():
+        flat = env.ovi.BuildImageStats.execute(clip_vision=cv, name="stream_flat", folder="stats_stream",
+                                               batch_size=2).args[0]
+        assert seen == [2, 1] and harness_stats(env, flat).count == 3
+        seen.clear()
+        deep = env.ovi.BuildImageStats.execute(clip_vision=cv, name="stream_deep", folder="stats_stream",
+                                               batch_size=2, recursive=True).args[0]
+        assert seen == [2, 2, 1] and harness_stats(env, deep).count == 5
+        with pytest.raises(FileExistsError, match="overwrite"):  # refused before any encoding
+            seen.clear()
+            env.ovi.BuildImageStats.execute(clip_vision=cv, name="stream_deep", folder="stats_stream")
+        assert seen == []
+
+        def cancel_after_first(image, crop=True):
+            seen.append(image.shape[0])
+            comfy.model_management.interrupt_current_processing(True)
+            return encode(image, crop)
+
+        monkeypatch.setattr(cv, "encode_image", cancel_after_first)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            env.ovi.BuildImageStats.execute(clip_vision=cv, name="stream_cancelled", folder="stats_stream",
+                                            batch_size=2, recursive=True)
+    comfy.model_management.interrupt_current_processing(False)
+    assert seen == [2] and "stream_cancelled.safetensors" not in env.ovi._stats_names()
