@@ -25,9 +25,10 @@ from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_conce
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_host, training_precision,
                          with_compute_dtype)
+from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .run_files import IF_EXISTS, RunFiles, migrate_side_files
-from .types import DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType
+from .types import DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
 
@@ -232,12 +233,19 @@ class TrainTextualInversion(io.ComfyNode):
                 OptionsType.Input("options", optional=True,
                                   tooltip="Training Options: method parameters, schedule, regularisers, flip, "
                                   "templates, captions, checkpoints, precision, memory. Unconnected = defaults."),
+                PreviewsType.Input("previews", optional=True,
+                                   tooltip="Preview Options: images of the prompts every N steps, sampled on this "
+                                   "model with the vectors so far, shown on the node. Unconnected = no previews "
+                                   "(nothing is sampled)."),
             ],
             outputs=[
                 EmbeddingType.Output("embedding", display_name="embedding",
                                      tooltip="The learned embedding (also saved to the file)."),
                 io.Image.Output("chart", display_name="chart", tooltip="Loss, sampled timesteps and vector norms."),
                 io.String.Output("path", display_name="path", tooltip="The embedding file written."),
+                io.Image.Output("previews_out", display_name="previews",
+                                tooltip="The previews (Preview Options): a row per preview step, a column per prompt. "
+                                "Without previews, a small black image."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -253,7 +261,7 @@ class TrainTextualInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, init, name, method, steps, learning_rate, batch_size, seed, if_exists,
-                images=None, masks=None, dataset=None, profile=None, options=None) -> io.NodeOutput:
+                images=None, masks=None, dataset=None, profile=None, options=None, previews=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
         if profile is not None and profile.reading != opts.g_reading:
@@ -266,6 +274,7 @@ class TrainTextualInversion(io.ComfyNode):
         metadata = {"method": method, "model_family": embedding_family(init.keys), **_image_metadata(images, dataset),
                     "batch_size": batch_size, "trainer": "ComfyUI-Inversion"}
         model = with_compute_dtype(model, opts.precision)  # "auto": the model as loaded
+        shown = None if previews is None else TrainingPreviews(previews, model, clip, vae, node)  # before the run
         with training_host(model, clip) as host, _memory(model, opts):
             autocast_dtype, loss_scale = training_precision(host, opts.precision)
             config = _config(opts, steps=steps, batch_size=batch_size, seed=seed, lr=learning_rate or None,
@@ -277,12 +286,14 @@ class TrainTextualInversion(io.ComfyNode):
                               resume=resume, checkpoint=files.checkpoint, snapshot=files.snapshot,
                               metadata={k: str(v) for k, v in metadata.items()})
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step)
-            result, written = files.run(trainer, reporter)
+            callback = reporter if shown is None else shown.after_steps(trainer, reporter)
+            result, written = files.run(trainer, callback)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
                                   total=steps, last_info=reporter.last, stop_step=result.stop_step,
                                   stop_reason=result.stop_reason)
         chart = charts.loss_chart(payload)[None]
-        return io.NodeOutput(result.embedding, chart, str(written), ui={UI_KEY: [payload]})
+        grid = previews_off() if shown is None else shown.grid()
+        return io.NodeOutput(result.embedding, chart, str(written), grid, ui={UI_KEY: [payload]})
 
 
 def _image_metadata(images, dataset) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The pack's socket types, declared once. Each carries a library object, never a loose dict.
+"""The pack's socket types, declared once. Each carries a dataclass (a library one, except
+Preview Options' settings, which name ComfyUI's samplers), never a loose dict.
 
 | socket type               | Python object                             | made by                         |
 |---------------------------|-------------------------------------------|---------------------------------|
@@ -7,6 +8,7 @@
 | ``INVERSION_GRAD_PROFILE``| ``inversion.profiler.GradProfile``        | GradNormProfiler                |
 | ``INVERSION_DATASET``     | ``inversion.dataset.ConceptImages`` (per-image tensors of any aspect, masks, captions) | LoadConceptImages |
 | ``INVERSION_OPTIONS``     | ``inversion.options.TrainingOptions``     | TrainingOptions                 |
+| ``INVERSION_PREVIEWS``    | ``nodes.comfy_preview.PreviewSettings`` (KSampler's settings: node-side, they name ComfyUI's samplers) | PreviewOptions |
 
 Types match by their string, so the names are namespaced: another pack's ``EMBEDDING`` socket
 (a different object) cannot be wired into ours by accident.
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-__all__ = ["EmbeddingType", "InitType", "GradProfileType", "DatasetType", "OptionsType"]
+__all__ = ["EmbeddingType", "InitType", "GradProfileType", "DatasetType", "OptionsType", "PreviewsType"]
 
 EmbeddingType = io.Custom("INVERSION_EMBEDDING")
 InitType = io.Custom("INVERSION_INIT")
 GradProfileType = io.Custom("INVERSION_GRAD_PROFILE")
 DatasetType = io.Custom("INVERSION_DATASET")
 OptionsType = io.Custom("INVERSION_OPTIONS")
+PreviewsType = io.Custom("INVERSION_PREVIEWS")

@@ -33,6 +33,8 @@ TASKS = {
     "07_slerp_between_concepts": {"InversionEmbeddingSlerp"},
     "08_ovi_prior_sd21_unclip": {"InversionOVIPrior", "unCLIPCheckpointLoader", "unCLIPConditioning"},
     "09_sdxl_training": {"InversionTrainTextualInversion"},
+    "10_previews_score_best_step": {"InversionPreviewOptions", "InversionTrainingOptions",
+                                    "InversionTrainTextualInversion"},
 }
 METHOD = {"01": "vanilla", "02": "high_grad", "03": "adaptive", "04": "directional"}
 # Stock model loaders: node type -> (the widget naming the file, the models sub-folder it reads).

@@ -279,13 +279,17 @@ WORKFLOWS: list[W] = [
              "unCLIP checkpoints are conditioned on a CLIP image embedding. OVI Prior finds one for your prompt "
              "by optimising pseudo-tokens through the CLIP vision model until its image embedding matches the "
              "prompt's text embedding (cosine similarity, charted per step); unCLIPConditioning then feeds it to "
-             "the model with the same prompt.",
+             "the model with the same prompt. The negative prompt gets its own image embedding through a second "
+             "unCLIPConditioning: a blank image's, as in the paper (its Fig. 1: without one, guidance runs against "
+             "a zero embedding and casts violet), or OVI of negative_prompt (negative on OVI Prior).",
              f"Needs the SD2.1 unCLIP-H checkpoint ({UNCLIP}) in models/checkpoints, from "
              f"{MODELS[UNCLIP]} (the missing-models dialog shows this link): its CLIP (ViT-H text side) "
              "and CLIP vision model share one space. Optional constraints: build statistics of your own images "
-             "with Build Image Stats, pick them in image_stats, and set lambda_m (Mahalanobis, ~0.009) or "
-             "lambda_n (nearest neighbour, ~0.5); lambda_m >= 0.05 collapses to a generic image.",
-             size=(460, 360)),
+             "with Build Image Stats (a folder of any size is streamed), pick them in image_stats, and set "
+             "lambda_m (Mahalanobis) or lambda_n (nearest neighbour). The paper's 0.009 / 0.5 are for a large "
+             "image set; with a few images of one subject start lambda_m far lower. lambda_m >= 0.05 collapses "
+             "to a generic image.",
+             size=(460, 440)),
         checkpoint(UNCLIP, "unCLIPCheckpointLoader"),
         N("ovi", "InversionOVIPrior", {"prompt": "a red fox sitting in fresh snow, golden hour", "num_tokens": 1,
                                        "steps": 300, "lr": 0.05, "lambda_m": 0.0, "lambda_n": 0.0}),
@@ -293,6 +297,7 @@ WORKFLOWS: list[W] = [
         N("pos", "CLIPTextEncode", {"text": "a red fox sitting in fresh snow, golden hour"}),
         N("neg", "CLIPTextEncode", {"text": "blurry, low quality"}),
         N("unclip", "unCLIPConditioning", {"strength": 1.0, "noise_augmentation": 0.0}),
+        N("unclip_neg", "unCLIPConditioning", {"strength": 1.0, "noise_augmentation": 0.0}),
         N("latent", "EmptyLatentImage", {"width": 768, "height": 768, "batch_size": 2}),
         N("sampler", "KSampler", {"seed": 1, "control_after_generate": "fixed", "steps": 30, "cfg": 7.0,
                                   "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
@@ -303,8 +308,10 @@ WORKFLOWS: list[W] = [
         ("ovi", "similarity_chart", "sim_chart", "images"),
         ("ckpt", "CLIP", "pos", "clip"), ("ckpt", "CLIP", "neg", "clip"),
         ("pos", "CONDITIONING", "unclip", "conditioning"), ("ovi", "clip_vision_output", "unclip", "clip_vision_output"),
+        ("neg", "CONDITIONING", "unclip_neg", "conditioning"),
+        ("ovi", "negative_clip_vision_output", "unclip_neg", "clip_vision_output"),
         ("ckpt", "MODEL", "sampler", "model"), ("unclip", "CONDITIONING", "sampler", "positive"),
-        ("neg", "CONDITIONING", "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
+        ("unclip_neg", "CONDITIONING", "sampler", "negative"), ("latent", "LATENT", "sampler", "latent_image"),
         ("sampler", "LATENT", "decode", "samples"), ("ckpt", "VAE", "decode", "vae"), ("decode", "IMAGE", "save", "images"),
     ]),
 
@@ -323,4 +330,30 @@ WORKFLOWS: list[W] = [
         N("chart", "PreviewImage"),
         *sample_nodes(f"a photo of {CONCEPT} on a wooden table, sunlight, detailed", size=1024, cfg=6.0, steps=30),
     ], TRAIN_LINKS + SAMPLE_LINKS),
+    W("10_previews_score_best_step", [
+        note("PREVIEWS WHILE TRAINING, THE SCORE AND THE BEST STEP",
+             "Preview Options makes the trainer draw its prompts every 100 steps (and after the last) with "
+             "ComfyUI's own sampler on the model being trained, with the vectors learned so far: each row appears "
+             "on the trainer while it runs, and the previews output collects them (a row per preview step, a "
+             "column per prompt; one seed, so rows differ only by training). Write {} or [name] where the concept "
+             "goes: the first prompt shows the concept, the second whether it still combines with other words. "
+             "Each preview costs one KSampler run per prompt; fewer steps or a smaller size make it cheaper.",
+             "Training Options' score_every = 10 scores the vectors on fixed draws (a smooth curve on the chart, "
+             "about one training step per score) and keeps each scored step's embedding; keep = best writes the "
+             "lowest-scoring step, which the chart marks as the best step, to the file the sampler below uses.",
+             SETUP, size=(460, 420)),
+        checkpoint(SD15),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        options(score_every=10, keep="best"),
+        N("previews", "InversionPreviewOptions", {"every": 100, "prompts": "a photo of {}\na painting of {} on the beach",
+                                                  "seed": 0, "control_after_generate": "fixed", "steps": 20,
+                                                  "cfg": 7.0, "width": 512, "height": 512}),
+        train("adaptive", 1000),
+        N("chart", "PreviewImage"),
+        N("grid", "PreviewImage", title="Previews (a row per preview step)"),
+        *sample_nodes(f"a photo of {CONCEPT} on a wooden table, sunlight"),
+    ], TRAIN_LINKS + OPTIONS_LINKS + SAMPLE_LINKS + [
+        ("previews", "previews", "train", "previews"), ("train", "previews", "grid", "images"),
+    ]),
 ]

@@ -155,6 +155,13 @@ tokens against the rest of the vocabulary, a one-concept adaptation of the neare
 contrastive loss (Arar et al.'s Eq. 2 needs other concepts trained together as negatives). All help
 a concept combine with other words in prompts.
 
+## Previews
+
+Wire a **Preview Options** node into **previews** to see the concept while it trains: every N
+steps the trainer samples its prompts on this model with the vectors so far, shows the row on the
+node, and returns all rows as the **previews** image (a row per preview step, a column per prompt).
+Without it, nothing is sampled and **previews** is a small black image.
+
 ## If the concept does not show
 
 Use a prompt like "a photo of embedding:<name>" with the same model family; train longer or with
@@ -196,6 +203,36 @@ which measures with the same templates and flip). Unconnected, the trainer uses 
   with dynamic loss scaling: a step whose gradient overflows is skipped and the scale lowered);
   fp32 / bf16 / fp16 force it on a GPU. gradient_checkpointing recomputes the UNet's activations
   in the backward pass: much less memory (SDXL at 1024 px on 8-12 GB cards), slower steps.
+""",
+    },
+    "InversionPreviewOptions": {
+        "body": """\
+## What it does
+
+Wire **previews** into Train Textual Inversion's **previews** input. Every **every** steps, and
+after the last step (or the step an early stop ends the run), the trainer draws each prompt with
+ComfyUI's own sampler (the function KSampler calls) on the model it is training, with the vectors
+learned so far put into the prompt as Apply Learned Embedding puts them, and decodes it with the
+VAE. The row of images appears on the trainer while it runs (as ComfyUI's node preview), and the
+trainer's **previews** output holds all rows: a row per preview step, a column per prompt. Connect
+it to a Preview Image or Save Image node.
+
+## Prompts
+
+One prompt per line, with `{}` or `[name]` where the concept goes (the same markers as templates
+and captions): `a photo of {}` shows the concept, an edit such as `a painting of {} on the beach`
+shows whether it still combines with other words. **negative**, **seed**, **sampler_name**, **scheduler**,
+**steps**, **cfg**, **width** and **height** mean what they mean on KSampler; every image uses the
+same seed, so two rows differ only by training.
+
+## Cost, and what it leaves unchanged
+
+Each preview is one KSampler run of **steps** steps per prompt plus a VAE decode; fewer steps and a
+smaller size make previews cheaper, and a run makes at most 64 of them (a smaller **every** is
+refused with the value to use). Training is unchanged by previews: the run learns exactly the
+vectors it learns without them (the preview restores torch's random state, the model's attention
+settings and its train/eval flags), and sampling after the run gives the same images as after a
+run without previews. Unconnected, nothing is sampled.
 """,
     },
     "InversionApplyLearnedEmbedding": {
@@ -303,12 +340,39 @@ unCLIPCheckpointLoader (`sd21-unclip-h.ckpt`) -> its CLIP_VISION into **clip_vis
 live in the vision model's space: an SD2.x CLIP for `clip_vision_h` (or an open_clip text encoder
 from `models/open_clip`); an SD1 CLIP is refused.
 
+## The negative side
+
+Classifier-free guidance also runs the model on the negative prompt, and an unCLIP model wants an
+image embedding there too. Without one ComfyUI uses zeros, which the paper (Fig. 1) shows casts a
+strong violet filter and lowers quality. **negative_clip_vision_output** is that embedding: wire it
+with the negative prompt's conditioning into a second unCLIPConditioning, and that into the
+sampler's negative (example 08 does). **negative** picks it:
+
+- `blank image` (default): the CLIP vision model's embedding of a blank input (all zeros after
+  CLIP's normalisation), the ECLIPSE pipeline's default that the paper uses;
+- `negative prompt (OVI)`: OVI toward **negative_prompt**'s text, optimised with the prompt in one
+  batch (the analogue of a prior's output for the negative text).
+
 ## Constraints
 
 With statistics of real images (Build Image Stats -> **image_stats**): **lambda_m** pulls the
-embedding toward their distribution (Mahalanobis; ~0.009; >= 0.05 collapses every prompt to a
-generic image), **lambda_n** toward the nearest real embeddings (~0.5). More **num_tokens** reach
-a higher similarity but drift further from real images.
+embedding toward their distribution (Mahalanobis; >= 0.05 collapses every prompt to a generic
+image), **lambda_n** toward the nearest real embeddings. More **num_tokens** reach a higher
+similarity but drift further from real images.
+
+Which lambda is meaningful depends on the statistics:
+
+| statistics | lambda_m | lambda_n |
+|---|---|---|
+| a large, varied set (the paper's setting: COCO-sized, thousands of images) | the paper's 0.009; 0.05 and above collapse | the paper's 0.5 |
+| a few images of one subject (tens) | much lower: start an order of magnitude or more below 0.009 and raise it until the similarity starts to drop | ~0.5 works, but every prompt is pulled toward those few images |
+
+Why: the Mahalanobis term (z - mu)^T Sigma^-1 (z - mu) is measured in units of the set's own
+spread. A large varied set has a wide, well-estimated covariance; a few similar images have a
+tight one, shrunk toward isotropic (Ledoit-Wolf), so the same prompt's embedding lies many more
+"standard deviations" away and the term is far larger. The nearest-neighbour term is a cosine
+(0..2) whatever the set, so its weight carries over. These are qualitative rules: no
+measurement on real models backs a number beyond the paper's settings.
 """,
         "paper": "004",
     },
@@ -321,6 +385,22 @@ few dozen images suffice) and the embeddings themselves to
 `models/ovi_stats/<name>.safetensors`. OVI Prior's **lambda_m** (Mahalanobis) and **lambda_n**
 (nearest neighbour) constraints read it. Use images of the kind you want to generate; no dataset
 download is needed.
+
+## Large image sets
+
+Give a **folder** (absolute, or under ComfyUI's `input` folder; **recursive** also reads its
+sub-folders): its images are decoded and encoded **batch_size** at a time, so only one batch is
+ever in memory, with a progress bar and Cancel. Only the embeddings are kept (D floats per image:
+4 KB for ViT-H), so a COCO-sized set (about 100,000 images, 0.4 GB of embeddings) works; an
+existing file is refused before anything is encoded unless **overwrite** is on.
+
+## Which lambda for which statistics
+
+The paper's lambda_m = 0.009 and lambda_n = 0.5 are for statistics of a large, varied image set.
+Statistics of a few images of one subject are tight and nearly isotropic, so the Mahalanobis term
+is much larger for the same prompt: start lambda_m an order of magnitude or more lower and raise it
+until OVI's similarity begins to drop. lambda_n is a cosine term and carries over (~0.5), but with
+few images it pulls every prompt toward them. (Qualitative guidance; see OVI Prior's help.)
 
 Use the same CLIP vision model as OVI Prior. Refresh the node list (R) afterwards so the file
 appears in OVI Prior's **image_stats**.

@@ -1,7 +1,9 @@
 """The pack in a real browser: Debian chromium (headless, DevTools protocol) on a real ComfyUI server.
 
 Skips without ``COMFYUI_PATH`` or without a ``chromium`` executable (``apt-get install -y chromium``).
-Screenshots go to ``test-artifacts/``.
+Screenshots go to ``test-artifacts/``. Example workflows run end to end on random full-architecture
+checkpoints (``devtools/harness.py``, cached): 01 on SD1.5, 08 (OVI) on SD2.1 unCLIP-H with its ViT-H
+vision tower.
 """
 
 from __future__ import annotations
@@ -427,6 +429,47 @@ def test_short_training_run_draws_the_chart_and_survives_a_reload(page, server):
     assert not _pack_errors(page), _pack_errors(page)
 
 
+def test_training_with_previews_shows_them_on_the_node(page, server):
+    """Example 10 on the random checkpoint: each preview row reaches the page as the trainer's node
+    preview (ComfyUI's preview image with metadata), and the run ends with the grid output."""
+    with open(next(p for p in WORKFLOWS if "previews" in p)) as f:
+        wf = json.load(f)
+    _load_workflow(page, wf, "browser-previews")
+    node_id = next(n["id"] for n in wf["nodes"] if n["type"] == TRAIN)
+    settings = {  # 3 training steps, previews after steps 2 and 3 (1 sampling step, 64 px), the sampler too
+        "ckpt_name": server.ckpt_name, "folder": server.concept_folder, "size": 64, "width": 64, "height": 64,
+        "steps": 3, "every": 2, "name": f"browser-previews-{int(time.time())}",
+    }
+    page.evaluate(f"""(() => {{
+        const g = window.comfyAPI.app.app.graph;
+        for (const node of g.nodes)
+            for (const w of node.widgets ?? [])
+                if (w.name in {json.dumps(settings)}) w.value = {json.dumps(settings)}[w.name];
+        for (const node of g.nodes.filter((n) => n.type === 'InversionPreviewOptions'))
+            node.widgets.find((w) => w.name === 'steps').value = 1;
+        window.__previews = [];
+        window.comfyAPI.api.api.addEventListener('b_preview_with_metadata', async (e) => {{
+            const bitmap = await createImageBitmap(e.detail.blob);
+            window.__previews.push({{node: String(e.detail.displayNodeId), type: e.detail.blob.type,
+                                     width: bitmap.width, height: bitmap.height}});
+        }});
+        window.__previewsDone = null;
+        window.comfyAPI.api.api.addEventListener('execution_success', () => {{ window.__previewsDone = 'success'; }});
+        window.comfyAPI.api.api.addEventListener('execution_error', (e) => {{ window.__previewsDone = e.detail; }});
+        return true;
+    }})()""")
+    page.evaluate("window.comfyAPI.app.app.queuePrompt(0, 1)")
+    done = page.wait_for("window.__previewsDone", timeout=600)
+    assert done == "success", f"{done}\n{server.log_tail()}"
+    page.pump(1.0)
+    previews = [p for p in page.evaluate("window.__previews") if p["node"] == str(node_id)]
+    assert len(previews) == 2, page.evaluate("window.__previews")  # after steps 2 and 3
+    # a row of two square images; the server scales previews to fit ComfyUI's preview size (ImageOps.contain)
+    assert all(p["type"] == "image/jpeg" and p["width"] == 2 * p["height"] > 0 for p in previews), previews
+    page.screenshot(os.path.join(ARTIFACTS, "browser_training_previews.png"))
+    assert not _pack_errors(page), _pack_errors(page)
+
+
 def test_a_warning_reaches_the_user_as_a_toast(page, server):
     """An unreadable image is skipped, and the user is told in the page (not only in the server log)."""
     folder = os.path.join(server.base_dir, "input", "warn_concept")
@@ -451,4 +494,79 @@ def test_a_warning_reaches_the_user_as_a_toast(page, server):
     page.wait_for("[...document.querySelectorAll('.p-toast-message')]"
                   ".some((t) => t.textContent.includes('broken.png'))", timeout=30)
     page.screenshot(os.path.join(ARTIFACTS, "browser_warning_toast.png"))
+    assert not _pack_errors(page), _pack_errors(page)
+
+
+@pytest.fixture(scope="module")
+def unclip_ckpt(server, request) -> str:
+    """The random full-size SD2.1 unCLIP-H checkpoint (built once, ~4 GB, cached), linked into the server."""
+    from devtools import harness
+    path = os.path.join(harness.cache_dir(), harness.UNCLIP_H_NAME)
+    if not os.path.isfile(path):
+        request.getfixturevalue("comfyui")  # boots ComfyUI in this process, which the builder needs
+        path = harness.sd21_unclip_h_checkpoint()
+    return server.link_model(path)
+
+
+def _set_widgets(page, settings: dict, only: dict | None = None) -> list[str]:
+    """Set every widget named in ``settings`` on every node (``only``: {node type: names} limits a name to
+    those node types); returns the names set."""
+    return page.evaluate(f"""(() => {{
+        const g = window.comfyAPI.app.app.graph, s = {json.dumps(settings)}, only = {json.dumps(only or {})};
+        const done = [];
+        for (const node of g.nodes)
+            for (const w of node.widgets ?? [])
+                if (w.name in s && (!(w.name in only) || only[w.name].includes(node.type))) {{
+                    w.value = s[w.name]; done.push(w.name);
+                }}
+        return done;
+    }})()""")
+
+
+def _queue_and_wait(page, timeout: float) -> object:
+    page.evaluate("""(() => {
+        window.__inversionDone = null;
+        window.__inversionExecuted = [];
+        const api = window.comfyAPI.api.api;
+        api.addEventListener('execution_success', () => { window.__inversionDone = 'success'; });
+        api.addEventListener('execution_error', (e) => { window.__inversionDone = e.detail; });
+        api.addEventListener('execution_interrupted', (e) => { window.__inversionDone = 'interrupted'; });
+        api.addEventListener('executed', (e) => window.__inversionExecuted.push(e.detail));
+        return true;
+    })()""")
+    page.evaluate("window.comfyAPI.app.app.queuePrompt(0, 1)")
+    return page.wait_for("window.__inversionDone", timeout=timeout)
+
+
+def test_example_08_ovi_runs_on_a_full_size_unclip_checkpoint(page, server, unclip_ckpt):
+    """Example 08 from the real frontend on a random SD2.1 unCLIP-H (ViT-H/14 vision tower, the layout
+    unCLIPCheckpointLoader expects): OVI Prior, both unCLIPConditionings (prompt and negative, seeds/004
+    Fig. 1), KSampler, VAE Decode and Save Image all run, and an image is saved."""
+    with open(next(p for p in WORKFLOWS if "08_ovi" in p)) as f:
+        wf = json.load(f)
+    _load_workflow(page, wf, "browser-ovi")
+    # the sampler's negative is an unCLIPConditioning fed by OVI Prior's negative output
+    wiring = page.evaluate("""(() => {
+        const g = window.comfyAPI.app.app.graph;
+        const up = (node, name) => { const i = node.inputs.find((x) => x.name === name);
+                                     const l = g.links.get ? g.links.get(i.link) : g.links[i.link];
+                                     return [g.getNodeById(l.origin_id), l.origin_slot]; };
+        const sampler = g.nodes.find((n) => n.type === 'KSampler');
+        const [neg] = up(sampler, 'negative');
+        const [src, slot] = up(neg, 'clip_vision_output');
+        return [neg.type, src.type, src.outputs[slot].name];
+    })()""")
+    assert wiring == ["unCLIPConditioning", "InversionOVIPrior", "negative_clip_vision_output"]
+    applied = _set_widgets(page, {"ckpt_name": unclip_ckpt, "steps": 2, "width": 64, "height": 64,
+                                  "batch_size": 1, "filename_prefix": "browser-ovi"})
+    assert sorted(applied) == sorted(["ckpt_name", "steps", "steps", "width", "height", "batch_size",
+                                      "filename_prefix"]), applied
+    started = time.time()
+    done = _queue_and_wait(page, timeout=900)
+    assert done == "success", f"{done}\n{server.log_tail()}"
+    executed = page.evaluate("window.__inversionExecuted")
+    saved = [img for e in executed if e.get("output") for img in e["output"].get("images", [])
+             if img.get("type") == "output"]
+    assert saved and saved[0]["filename"].startswith("browser-ovi"), executed
+    print(f"example 08 on the random SD2.1 unCLIP-H checkpoint: {time.time() - started:.0f} s")
     assert not _pack_errors(page), _pack_errors(page)
