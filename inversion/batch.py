@@ -13,6 +13,11 @@ a batch must share one shape. Captions: per row, None meaning a template; ``Capt
 shuffles their parts and drops them out with the step's generator. Both draw extra random numbers
 only where they apply (several buckets; captions with shuffle / dropout), so a square run without
 captions makes exactly the draws it always made.
+
+Several concepts, ``balanced``: sample j of a micro-batch belongs to concept j mod N (an image of it
+drawn uniformly), so a batch of b x N draws exactly b per concept whatever their image counts. It
+applies when every concept's latents share one shape (one bucket); with several buckets a batch
+must share one shape, so rows are drawn as without it (uniformly over all images).
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class ConceptSet:
     """Several concepts' data in one table; concept i owns rows ``rows[i]`` of the learned vectors."""
 
     def __init__(self, text: TextSide, concepts: Sequence, templates: Sequence[str],
-                 device: torch.device | str | None = None, captions: CaptionOptions = CaptionOptions()):
+                 device: torch.device | str | None = None, captions: CaptionOptions = CaptionOptions(),
+                 balanced: bool = False):
         if not concepts:
             raise ValueError("no concepts to train: give at least one ConceptData (prepare_concept)")
         self.text = text
@@ -95,6 +101,10 @@ class ConceptSet:
                                                       for parts in shapes.values()]
         self.bucket, self.pos, self.owner = torch.cat(bucket), torch.cat(pos), torch.cat(owner)
         self.bucket_rows = [(self.bucket == b).nonzero().flatten() for b in range(len(self.tables))]
+        counts = torch.bincount(self.owner, minlength=len(self.concepts))
+        self._concept_count = counts  # rows per concept (contiguous, concept by concept)
+        self._concept_start = torch.cumsum(counts, 0) - counts
+        self.balanced = bool(balanced)
         self.captions = [cap for c in self.concepts
                          for cap in (c.captions if c.captions is not None else [None] * len(c))]
         self.has_captions = any(cap is not None for cap in self.captions)
@@ -157,6 +167,8 @@ class ConceptSet:
     def sample_rows(self, gen: torch.Generator, n: int, batch_size: int | None = None) -> torch.Tensor:
         """``n`` rows drawn uniformly; with several buckets, each run of ``batch_size`` (default: all
         ``n``) keeps its first row and takes the others from that row's bucket."""
+        if self.balanced and len(self.concepts) > 1 and len(self.tables) == 1:
+            return self._balanced_rows(gen, n)
         idx = torch.randint(0, len(self), (n,), generator=gen)
         if len(self.tables) == 1 or n < 2:
             return idx  # one bucket: exactly the draw of a square run
@@ -166,6 +178,17 @@ class ConceptSet:
             rows = self.bucket_rows[int(self.bucket[idx[s]])]
             idx[s + 1:e] = rows[torch.randint(0, len(rows), (e - s - 1,), generator=gen)]
         return idx
+
+    def _balanced_rows(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        """``n`` rows, sample j from concept j mod N (an image of it uniformly): b x N samples give b each."""
+        concept = torch.arange(n) % len(self.concepts)
+        count, start = self._concept_count[concept], self._concept_start[concept]
+        pick = (torch.rand(n, generator=gen) * count).long()
+        return start + torch.minimum(pick, count - 1)
+
+    def concept_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """The concept (its index in ``concepts``) each row of ``idx`` belongs to."""
+        return self.owner[idx]
 
     def prompts(self, idx: torch.Tensor, gen: torch.Generator) -> list[str]:
         """Each row's caption, or a template drawn from ``gen`` filled with its concept's placeholder.

@@ -9,7 +9,9 @@ one show the same numbers.
 - ``loss_chart(history)``: raw and EMA-smoothed loss against step; the timesteps sampled, as a
   histogram over [0, T); for the adaptive sampler the current per-bin estimate of
   g(t) = E||grad_c ||eps_hat - eps|| || (seeds/000 Eq. 4/5); the mean norm of the learned vectors,
-  with DTI's fixed magnitude m* (seeds/002) as a reference line when given.
+  with DTI's fixed magnitude m* (seeds/002) as a reference line when given. A run of several concepts
+  (``concepts`` with ``concept_loss`` / ``concept_vector_norm``) adds each concept's smoothed loss and
+  draws each concept's mean vector norm, a colour per concept.
 - ``profile_chart(profile)``: a gradient-norm profile g(t) (seeds/000 Eq. 4), its per-bin mean with
   a +-std band, and the high-grad window (the best window of seeds/000 Sec. 3) highlighted.
 - ``similarity_chart(values)``: OVI's cosine-similarity curve over optimisation steps (seeds/004).
@@ -29,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .score import best_step
 
-__all__ = ["loss_chart", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
+__all__ = ["loss_chart", "concept_series", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
            "font", "to_image"]
 
 # A light theme: these images end up in previews, saved PNGs and READMEs.
@@ -49,6 +51,8 @@ BAND = (250, 215, 170)
 WINDOW = (255, 236, 150)
 SCORE = (0, 140, 120)  # the deterministic score (score.py): smooth, so a strong colour
 STOP = (200, 40, 40)
+# One per concept of a multi-concept run, in order (cycled beyond six).
+CONCEPT_COLORS = ((214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75))
 
 _FONTS: dict[int, Any] = {}
 
@@ -294,6 +298,17 @@ def _message(draw: ImageDraw.ImageDraw, box, text: str) -> None:
 
 # --------------------------------------------------------------------------- loss chart
 
+def concept_series(h: Mapping[str, Any], key: str) -> list[tuple[str, list[float]]]:
+    """``(name, values per step)`` for each concept of a multi-concept run's ``key`` (``concept_loss`` or
+    ``concept_vector_norm``: per step, one value per concept); [] for a run of one concept."""
+    names = [str(n) for n in h.get("concepts") or []]
+    rows = h.get(key) or []
+    if len(names) < 2 or not rows:
+        return []
+    return [(n, _floats(r[i] if isinstance(r, (list, tuple)) and i < len(r) else None for r in rows))
+            for i, n in enumerate(names)]
+
+
 def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: int = 512,
                smoothing: float | None = None) -> torch.Tensor:
     """The training chart as an image [H, W, 3] float32 in [0, 1].
@@ -303,7 +318,9 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     ``bin_edges`` and ``g_estimate`` (adaptive sampler), ``vector_norm`` (per step) and
     ``target_norm`` (DTI's m*), ``method``; ``score_step`` / ``score`` (the deterministic score,
     ``score.py``), drawn on the loss panel with the best step (``best_step``, else the lowest score)
-    marked, and ``stop_step`` where early stop fired. ``smoothing`` is the EMA factor; by default it
+    marked, and ``stop_step`` where early stop fired; ``concepts`` with ``concept_loss`` and
+    ``concept_vector_norm`` (several concepts): a smoothed loss and a norm curve per concept.
+    ``smoothing`` is the EMA factor; by default it
     grows with the run length (0.6 for a few steps up to 0.98), so short and long runs both read well.
     """
     h = _as_dict(history, "history")
@@ -320,6 +337,7 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     if g_est is not None and (edges is None or len(edges) != len(g_est) + 1):
         edges = list(np.linspace(0, T, len(g_est) + 1))
     vnorm = _floats(h.get("vector_norm"))
+    concept_loss, concept_norm = concept_series(h, "concept_loss"), concept_series(h, "concept_vector_norm")
     target = h.get("target_norm")
     target = float(target) if target is not None and math.isfinite(float(target)) else None
     if smoothing is None:
@@ -357,6 +375,10 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
         ax.line(steps, loss, RAW, width=1)
         ax.line(steps, smooth, SMOOTH, width=2)
         keys = [("raw", RAW), (f"EMA {smoothing:.2f}", SMOOTH)]
+        for i, (name, values) in enumerate(concept_loss):
+            color = CONCEPT_COLORS[i % len(CONCEPT_COLORS)]
+            ax.line(steps[: len(values)], ema(values, smoothing), color, width=1)
+            keys.append((name, color))
         if _finite(score):
             ax.line(score_steps, score, SCORE, width=2)
             keys.append(("score (fixed draws)", SCORE))
@@ -394,10 +416,14 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
             ax.bars(edges, g_est, GEST)
         else:
             vs = steps[: len(vnorm)]
-            lim = _limits(vnorm + ([target] if target is not None else []))
+            every = [x for _, values in concept_norm for x in values]
+            lim = _limits(vnorm + every + ([target] if target is not None else []))
             ax = _Axes(d, box, (min(vs), max(vs)) if len(vs) > 1 else (vs[0] - 1, vs[0] + 1), lim)
-            ax.frame("mean vector norm", "step", xint=True)
-            ax.line(vs, vnorm, NORM, width=2)
+            ax.frame("vector norm per concept" if concept_norm else "mean vector norm", "step", xint=True)
+            if not concept_norm:
+                ax.line(vs, vnorm, NORM, width=2)
+            for j, (_, values) in enumerate(concept_norm):
+                ax.line(steps[: len(values)], values, CONCEPT_COLORS[j % len(CONCEPT_COLORS)], width=2)
             if target is not None:  # dashed, on top: under DTI the norm sits exactly on it
                 ax.hline(target, TARGET)
                 d.text((box[2] - 4, ax.py(target) - 3), f"m* = {target:.3g}", fill=TARGET, font=font(11),

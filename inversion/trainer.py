@@ -82,6 +82,9 @@ class TrainConfig:
     dvar_window: int = DVAR_WINDOW  # in evaluations (= steps when score_every = 1, the paper's cadence)
     dvar_threshold: float = DVAR_THRESHOLD  # the paper's TI setting
     keep: str = "last"  # "best": the run's file holds the lowest-score step's vectors; "last": the last step's
+    # Several concepts: sample j of a micro-batch comes from concept j mod N, so batch_size = b x N gives each
+    # concept exactly b draws per micro-batch (``ConceptSet``, one bucket); False draws rows uniformly.
+    balance_concepts: bool = False
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1:
@@ -280,6 +283,11 @@ class StepInfo(Progress):
     loss_scale: float | None = None  # None without loss scaling
     score: float | None = None  # the deterministic score (``score.py``) of this step's vectors, when scored
     stop_reason: str | None = None  # set on the step at which the run's own rule (DVAR) stopped it
+    # Runs of several concepts only (None with one): per concept, in ``Trainer.concepts`` order, the mean
+    # diffusion loss of its samples in this step (None if the step drew none of it) and the mean norm of
+    # its vectors over every encoder, after the step.
+    concept_loss: list[float | None] | None = None
+    concept_norms: list[float] | None = None
 
 
 @dataclass
@@ -295,6 +303,9 @@ class TrainHistory:
     vector_norm: list[float] = field(default_factory=list)  # mean over vectors and encoders
     score_step: list[int] = field(default_factory=list)  # the steps that were scored (``score.py``)
     score: list[float] = field(default_factory=list)  # their deterministic scores
+    # Several concepts (empty with one): per step, one value per concept (``StepInfo.concept_*``)
+    concept_loss: list[list[float | None]] = field(default_factory=list)
+    concept_vector_norm: list[list[float]] = field(default_factory=list)
 
     def append(self, info: StepInfo) -> None:
         if info.score is not None:
@@ -308,6 +319,9 @@ class TrainHistory:
         self.sample_grad_norms.append(list(info.grad_norms))
         norms = [x for v in info.vector_norms.values() for x in v]
         self.vector_norm.append(sum(norms) / max(1, len(norms)))
+        if info.concept_norms is not None:
+            self.concept_vector_norm.append(list(info.concept_norms))
+            self.concept_loss.append(list(info.concept_loss or [None] * len(info.concept_norms)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -442,7 +456,8 @@ class Trainer:
         self.config = config.validate()
         self.text = text
         self.denoiser = denoiser
-        self.data = ConceptSet(text, concepts, self.config.templates, device, self.config.captions)
+        self.data = ConceptSet(text, concepts, self.config.templates, device, self.config.captions,
+                               balanced=self.config.balance_concepts)
         self.concepts = self.data.concepts
         self.rows = self.data.rows
         self.device = self.data.device
@@ -475,6 +490,8 @@ class Trainer:
         self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step))
         self._warned: set[str] = set()
         self._optimizer_stale = False
+        self._concept_sum = torch.zeros(len(self.concepts), dtype=torch.float64)  # this step's, per concept
+        self._concept_n = torch.zeros(len(self.concepts), dtype=torch.long)
 
     # ---- state -------------------------------------------------------------------------------
     def embeddings(self) -> list[LearnedEmbedding]:
@@ -544,12 +561,33 @@ class Trainer:
         loss = per.mean()
         if not torch.isfinite(loss):
             return None, d.t, d.prompts
+        self._tally_concepts(per.detach(), d.idx)
         (loss * scale if loss_scale == 1.0 else loss * (scale * loss_scale)).backward(retain_graph=False)
         if tokens:
             g = token_grad_norms([r.grad for r in rows.values()], per.detach(), n_eff, B / (scale * loss_scale))
         else:
             g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / (scale * loss_scale))
         return (loss.detach(), g.cpu()), d.t, d.prompts
+
+    def _tally_concepts(self, per: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add a micro-batch's per-sample losses to its concepts' sums (runs of several concepts only)."""
+        if len(self.concepts) < 2:
+            return
+        owner = self.data.concept_of(idx).to(per.device)
+        n = len(self.concepts)
+        self._concept_sum += torch.zeros(n, device=per.device).index_add_(0, owner, per.float()).cpu()
+        self._concept_n += torch.bincount(owner.cpu(), minlength=n)
+
+    def _concept_report(self) -> dict[str, Any]:
+        """``StepInfo``'s per-concept fields for the step just done (nothing with one concept)."""
+        if len(self.concepts) < 2:
+            return {}
+        loss = [float(s / c) if c else None for s, c in zip(self._concept_sum.tolist(), self._concept_n.tolist())]
+        norms = []
+        for r in self.rows:
+            x = [float(n) for v in self.params.values() for n in v.detach()[r.start:r.stop].float().norm(dim=-1)]
+            norms.append(sum(x) / len(x))
+        return {"concept_loss": loss, "concept_norms": norms}
 
     def _reg_loss(self) -> torch.Tensor | None:
         active = [r for r in self.regularizers if r.weight]
@@ -570,6 +608,8 @@ class Trainer:
         cfg = self.config
         for p in self.params.values():
             p.grad = None
+        self._concept_sum = torch.zeros(len(self.concepts), dtype=torch.float64)
+        self._concept_n = torch.zeros(len(self.concepts), dtype=torch.long)
         losses, gs, ts = [], [], []
         scale = 1.0 / cfg.grad_accum
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
@@ -620,6 +660,7 @@ class Trainer:
     def _step_info(self, **fields) -> StepInfo:
         """The step just done as plain data: ``fields`` plus what every report carries (the vectors'
         norms, the sampler's and the optimiser's reports)."""
+        fields = {**self._concept_report(), **fields}
         return StepInfo(step=self.step, total=self.config.steps, elapsed=0.0, sampler=self.sampler.describe(),
                         vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
                         **fields, **self.sampler.report(), **self.optimizer.report())

@@ -6,6 +6,10 @@ The library reports each training step through one callback with plain data (``S
 ComfyUI's ``InterruptProcessingException`` (raised once, after the step in progress): the caller
 saves the last good vectors before letting it propagate, because a node that returns normally
 would have its partial result cached as if complete (../shared/COMFYUI_NOTES.md section 4).
+
+A run of several concepts adds, to every event and to the final chart, ``concepts`` (the names in
+the run's order) and per concept its mean vector norm (``concept_vector_norm``) and the mean loss
+of its samples in the step (``concept_loss``, null for a step that drew none of it): a curve each.
 """
 
 from __future__ import annotations
@@ -83,8 +87,10 @@ def _mean(values) -> float | None:
 class TrainReporter:
     """The trainer's callback: progress bar, Cancel check, live chart event. Returns None (go on)."""
 
-    def __init__(self, node_id: str | None, total: int, method: str, num_timesteps: int, start: int = 0):
+    def __init__(self, node_id: str | None, total: int, method: str, num_timesteps: int, start: int = 0,
+                 concepts: list[str] | None = None):
         self.node_id = node_id
+        self.concepts = concepts  # the names of a run of several concepts (None with one)
         self.method = method
         self.num_timesteps = num_timesteps
         self.last = None  # the latest StepInfo (the final chart shows its sampler estimate)
@@ -106,6 +112,7 @@ class TrainReporter:
             "num_timesteps": self.num_timesteps, "method": self.method,
             "score": info.score, **_best(self.best),
             **({"stop_step": info.step, "stop_reason": info.stop_reason} if info.stop_reason else {}),
+            **_concepts(self.concepts, info),
         })
         for message in info.warnings:
             warn_user(self.node_id, message)
@@ -113,16 +120,28 @@ class TrainReporter:
         check_cancel()
 
 
+def _concepts(names: list[str] | None, info) -> dict[str, Any]:
+    """A step's per-concept values for the live chart (nothing for a run of one concept)."""
+    if not names or info.concept_norms is None:
+        return {}
+    return {"concepts": list(names), "concept_vector_norm": list(info.concept_norms),
+            "concept_loss": list(info.concept_loss or [None] * len(names))}
+
+
 def _best(best: tuple[int, float] | None) -> dict[str, Any]:
     return {"best_step": None if best is None else best[0], "best_score": None if best is None else best[1]}
 
 
 def history_payload(history, *, method: str, num_timesteps: int, total: int, last_info=None,
-                    stop_step: int | None = None, stop_reason: str = "") -> dict[str, Any]:
+                    stop_step: int | None = None, stop_reason: str = "",
+                    concepts: list[str] | None = None) -> dict[str, Any]:
     """The final chart data (``ui[UI_KEY]``): the whole history (``score_step`` / ``score`` when scored)
-    plus the sampler's last estimate, the best-scored step, and where early stop fired."""
+    plus the sampler's last estimate, the best-scored step, and where early stop fired. ``concepts``:
+    the names of a run of several (its history's ``concept_*`` series follow them)."""
     d = {"kind": "train", **history.to_dict(), "method": method, "num_timesteps": num_timesteps, "total": total,
          **_best(history.best())}
+    if concepts:
+        d["concepts"] = list(concepts)
     if stop_step is not None:
         d.update(stop_step=stop_step, stop_reason=stop_reason)
     if last_info is not None:

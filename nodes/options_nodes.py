@@ -63,10 +63,11 @@ class TrainingOptionsNode(io.ComfyNode):
                 io.Float.Input("l2_weight", default=_D.l2_weight, min=0.0, max=10.0, step=1e-5, round=False,
                                tooltip="L2 penalty on the vectors' norm (seeds/003); 0 = off."),
                 io.Float.Input("contrastive_weight", default=_D.contrastive_weight, min=0.0, max=10.0, step=1e-4,
-                               round=False, tooltip="Nearest-neighbour vocabulary contrast, adapted from seeds/003 Eq. 2 "
-                               "for a single concept (this node trains one): pulls each vector toward its 5 "
-                               "nearest real tokens against the rest of the vocabulary (cosine, tau 0.07). It is "
-                               "not Eq. 2 itself, whose negatives are other concepts trained together; 0 = off."),
+                               round=False, tooltip="Nearest-neighbour contrast (seeds/003 Eq. 2). A run of one concept: the "
+                               "vocabulary contrast, an adaptation of Eq. 2: pulls each vector toward its 5 nearest "
+                               "real tokens against the rest of the vocabulary (cosine, tau 0.07). A run of several "
+                               "concepts (Add Concept nodes on the trainer's concepts input): Eq. 2 itself, the 5 "
+                               "nearest tokens against the other concepts' vectors (dot products, tau 0.07); 0 = off."),
                 io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=_D.lr_schedule,
                                tooltip="Learning rate after warm-up: constant, or decaying linearly / on a cosine "
                                "to 0 at the last step."),

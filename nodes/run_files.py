@@ -14,17 +14,26 @@
   which writes the lowest-score step's vectors as the finished file (the state keeps the last step,
   so resume continues the run). A fresh run clears the snapshots of an earlier run of that name.
 
+A run of several concepts (``RunGroup``: the trainer's own concept plus Add Concept's) keeps each
+concept's files by these rules, each in its own ``models/inversion_runs/<name>/`` (its snapshots,
+its unfinished embedding), and one state for the whole run (the concepts share the optimiser, the
+sampler and the history) in the first concept's folder, which lists the concepts in order; resume
+needs the same concepts in the same order. ``if_exists`` applies to each file; a cancelled run
+replaces none of them; two concepts of one name are refused.
+
 Older versions wrote ``<name>.state.safetensors`` beside the embedding; ``migrate_side_files``
 moves those (only files whose header is a training state) into the runs folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -35,11 +44,11 @@ from ..inversion.checkpoint import (STATE_SUFFIX, is_state_file, load_state, rea
                                     state_from_embedding)
 from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.formats import load_embedding, save_embedding
-from ..inversion.trainer import Trainer, TrainingDiverged, TrainResult, TrainState
+from ..inversion.trainer import Trainer, TrainHistory, TrainingDiverged, TrainResult, TrainState
 from .comfy_run import embedding_path, warn_user
 from .folders import RUNS  # registered with folder_paths there, with the pack's other model folders
 
-__all__ = ["RUNS", "RunFiles", "runs_dir", "migrate_side_files"]
+__all__ = ["RUNS", "RunFiles", "RunGroup", "runs_dir", "migrate_side_files", "check_names"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +104,31 @@ def migrate_side_files(name: str | None = None) -> list[tuple[Path, Path]]:
 
 def _same_vectors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return set(a) == set(b) and all(a[k].shape == b[k].shape and torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def _state_concepts(meta: dict[str, str]) -> list[dict]:
+    """The concepts a state file's run trained, in order: ``[{"name", "placeholder", "k"}, ...]``."""
+    try:
+        concepts = json.loads(meta.get("concepts", "[]"))
+    except ValueError:
+        return []
+    return [c for c in concepts if isinstance(c, dict)]
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Refuse a run in which two concepts share a name: each writes models/embeddings/<name>.safetensors."""
+    dup = sorted({n for n in names if list(names).count(n) > 1})
+    if dup:
+        raise ValueError(f"concepts: the name {dup[0]!r} is given to more than one concept of this run, and each "
+                         "concept writes models/embeddings/<name>.safetensors; give each concept its own name (the "
+                         "trainer's name input and each Add Concept node's name)")
+
+
+def _mismatch(state: Path, ran: list[str], names: list[str]) -> ValueError:
+    return ValueError(f"if_exists = resume: {state} is the state of a run of {', '.join(ran) or 'unknown concepts'}, "
+                      f"but this run trains {', '.join(names)}. To resume it, connect the same concepts in the same "
+                      "order (the trainer's own name first, then each Add Concept node's, nearest the trainer last); "
+                      "or set if_exists = overwrite to train anew")
 
 
 @dataclass
@@ -154,6 +188,9 @@ class RunFiles:
         meta = read_state_meta(self.state) if self.state.exists() else None
         if self.state.exists() and meta is None:
             load_state(self.state)  # raises the StateFileError that says what to do
+        ran = [c.get("name") for c in _state_concepts(meta)] if meta is not None else []
+        if len(ran) > 1:  # the state of a run of several concepts: resuming one of them alone cannot be exact
+            raise _mismatch(self.state, ran, [self.name])
         if meta is not None and meta.get("embeddings_written") == "0":
             state = load_state(self.state)  # an unfinished run that had not earned the file yet
             if exists:
@@ -194,7 +231,10 @@ class RunFiles:
 
     def snapshot(self, trainer: Trainer) -> Path:
         """Keep the embedding of a scored step (the trainer's ``snapshot`` callback), with its score."""
-        emb = trainer.embeddings()[0]
+        return self.save_snapshot(trainer.embeddings()[0], trainer)
+
+    def save_snapshot(self, emb: LearnedEmbedding, trainer: Trainer) -> Path:
+        """``emb`` (this concept's vectors at the trainer's step) as that step's snapshot, with its score."""
         score = trainer.history.score[-1]
         emb = LearnedEmbedding(emb.name, emb.vectors, emb.placeholder, {**emb.metadata, "score": repr(float(score))})
         return save_embedding(emb, self.snapshot_path(trainer.step), overwrite=True)
@@ -254,24 +294,200 @@ class RunFiles:
         Cancel (ComfyUI's ``InterruptProcessingException``, raised by ``callback`` or before the first
         step) propagates after ``stopped``; a divergence becomes a ValueError that says what was kept.
         """
-        start = trainer.step
-        self.clear_snapshots(after=start)
-        try:
-            comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
-            result = trainer.run(callback)
-        except comfy.model_management.InterruptProcessingException:
-            self.stopped(trainer, start, "cancelled")
-            raise
-        except TrainingDiverged as e:
-            where = self.stopped(trainer, start, "diverged")
-            kept = (f"Saved the last good vectors (step {trainer.step}) to {where}." if where else
-                    "Nothing was saved: no step of this run was usable.")
-            raise ValueError(f"{e} {kept}") from None
+        result, written = _run_to_end(self, trainer, callback)
+        return result, written[0]
+
+    def finish_all(self, trainer: Trainer) -> tuple[list[Path], list[LearnedEmbedding]]:
+        """``finish`` as lists (one concept), for ``_run_to_end``."""
         written, kept = self.finish(trainer)
-        if result.stop_step is not None:
-            log.info("%s; wrote %s", result.stop_reason, written)
-        return replace(result, embeddings=[kept]), written
+        return [written], [kept]
 
     def fingerprint(self) -> str:
         """Changes when a resume would start from somewhere else."""
         return "|".join(f"{os.path.getmtime(p)}" if p.exists() else "-" for p in (self.embedding, self.state))
+
+
+def _run_to_end(files: "RunFiles | RunGroup", trainer: Trainer, callback) -> tuple[TrainResult, list[Path]]:
+    """``RunFiles.run`` / ``RunGroup.run``: train, write what the run earned, keep what a stopped one learned."""
+    start = trainer.step
+    files.clear_snapshots(after=start)
+    try:
+        comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
+        result = trainer.run(callback)
+    except comfy.model_management.InterruptProcessingException:
+        files.stopped(trainer, start, "cancelled")
+        raise
+    except TrainingDiverged as e:
+        where = files.stopped(trainer, start, "diverged")
+        kept = (f"Saved the last good vectors (step {trainer.step}) to {where}." if where else
+                "Nothing was saved: no step of this run was usable.")
+        raise ValueError(f"{e} {kept}") from None
+    written, kept = files.finish_all(trainer)
+    if result.stop_step is not None:
+        log.info("%s; wrote %s", result.stop_reason, ", ".join(str(p) for p in written))
+    return replace(result, embeddings=kept), written
+
+
+@dataclass
+class RunGroup:
+    """The files of a run of several concepts: each concept's ``RunFiles`` (its embedding, and its folder
+    with its snapshots and unfinished embedding), and one state for the whole run in the first
+    concept's folder (``models/inversion_runs/<first name>/state.safetensors``)."""
+
+    members: list[RunFiles]
+    node: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def state(self) -> Path:
+        return self.members[0].state
+
+    @property
+    def protected(self) -> bool:
+        """Some concept's embedding file is one this run has not yet earned the right to replace."""
+        return any(m.protected for m in self.members)
+
+    @classmethod
+    def open(cls, names: Sequence[str], if_exists: str, node: str | None = None
+             ) -> tuple["RunGroup", TrainState | None]:
+        """The run's files and the state to resume from (None: a fresh run). ``if_exists`` applies to each file."""
+        if if_exists not in IF_EXISTS:
+            raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}, got {if_exists!r}")
+        check_names(names)
+        group = cls([RunFiles.of(n, node) for n in names], node)
+        for n in names:
+            migrate_side_files(n)
+        existing = [m.embedding for m in group.members if m.embedding.exists()]
+        if existing and if_exists == "error":
+            raise ValueError(f"name: {', '.join(str(p) for p in existing)} already exist{'s' if len(existing) == 1 else ''}"
+                             ". Choose other names, or set if_exists to 'overwrite' (train anew; each file is replaced "
+                             "when the new run completes) or 'resume' (continue the run of these concepts)")
+        if if_exists != "resume":
+            return group, None
+        return group, group._resume_state()
+
+    def _resume_state(self) -> TrainState | None:
+        meta = read_state_meta(self.state) if self.state.exists() else None
+        if self.state.exists() and meta is None:
+            load_state(self.state)  # raises the StateFileError that says what to do
+        if meta is None:
+            self._check_order()
+        if meta is not None:
+            ran = [c.get("name") for c in _state_concepts(meta)]
+            if ran != self.names:
+                raise _mismatch(self.state, ran, self.names)
+            state = load_state(self.state)
+            if meta.get("embeddings_written") == "0":  # an unfinished run that had not earned every file yet
+                kept = [m.embedding.name for m in self.members if m.embedding.exists()]
+                if kept:
+                    warn_user(self.node, f"resuming the unfinished run of {', '.join(self.names)} at step {state.step}"
+                              f" (its state in {self.state.parent}); {', '.join(kept)} are replaced only when it "
+                              "completes")
+                return state
+            if self._owns_files(state, meta):
+                for m in self.members:
+                    m.protected = False
+                return state
+            warn_user(self.node, f"{self.state} does not match the embedding files of {', '.join(self.names)} (a file "
+                      "was replaced after that run): resuming from the embeddings alone; the optimiser restarts")
+        return self._from_embeddings()
+
+    def _check_order(self) -> None:
+        """Refuse to resume these concepts in another order than their run's (its state is in another's folder)."""
+        for m in self.members[1:]:
+            meta = read_state_meta(m.state) if m.state.exists() else None
+            ran = [c.get("name") for c in _state_concepts(meta)] if meta is not None else []
+            if sorted(ran) == sorted(self.names):
+                raise _mismatch(m.state, ran, self.names)
+
+    def _owns_files(self, state: TrainState, meta: dict[str, str]) -> bool:
+        """Every concept's file holds its rows of ``state`` (or that run's best step)."""
+        start = 0
+        for m, c in zip(self.members, _state_concepts(meta)):
+            k = int(c.get("k", 0))
+            rows = {key: v[start:start + k] for key, v in state.vectors.items()}
+            start += k
+            if not m.embedding.exists():
+                return False
+            emb = load_embedding(m.embedding)
+            mine = TrainState(state.step, rows, {}, {}, state.history)
+            if not (_same_vectors(rows, emb.vectors) or m._is_best_of(emb, mine)):
+                return False
+        return True
+
+    def _from_embeddings(self) -> TrainState | None:
+        """Resume from the concepts' embedding files alone (the optimiser restarts); None if none exists."""
+        missing = [m for m in self.members if not m.embedding.exists()]
+        if len(missing) == len(self.members):
+            return None
+        if missing:
+            raise ValueError(f"if_exists = resume: {', '.join(str(m.embedding) for m in missing)} do not exist, but "
+                             "resume continues every concept of the run from its file. Set if_exists = overwrite "
+                             "to train them all anew, or remove the concepts that have no file from the run")
+        embs = [load_embedding(m.embedding) for m in self.members]
+        keys = set(embs[0].vectors)
+        vectors = {k: torch.cat([e.vectors[k].float() for e in embs]) for k in keys if all(k in e.vectors for e in embs)}
+        step = min(int(e.metadata.get("steps", "0") or 0) for e in embs)
+        for m in self.members:
+            m.protected = False
+        return TrainState(step, vectors, {}, {}, TrainHistory())
+
+    def checkpoint(self, trainer: Trainer) -> list[Path]:
+        """Save the run so far: each concept's embedding (beside its state while its file is protected) and the
+        run's state. Returns where each concept's vectors went."""
+        paths = [m.embedding for m in self.members]
+        if not self.protected:
+            return save_checkpoint(trainer, paths, state_path=self.state)
+        out = [save_embedding(e, m.unfinished if m.protected else m.embedding, overwrite=True)
+               for m, e in zip(self.members, trainer.embeddings())]
+        save_checkpoint(trainer, paths, state_path=self.state, write_embeddings=False)
+        return out
+
+    def snapshot(self, trainer: Trainer) -> list[Path]:
+        """Keep every concept's embedding of a scored step, each in its own folder."""
+        return [m.save_snapshot(e, trainer) for m, e in zip(self.members, trainer.embeddings())]
+
+    def clear_snapshots(self, after: int = 0) -> None:
+        for m in self.members:
+            m.clear_snapshots(after)
+
+    def stopped(self, trainer: Trainer, start: int, why: str) -> list[Path] | None:
+        """A cancelled or diverged run: keep what it learned, replacing no file it has not earned."""
+        if trainer.step <= start:
+            return None
+        where = self.checkpoint(trainer)
+        kept = [m.embedding.name for m in self.members if m.protected]
+        if kept:
+            warn_user(self.node, f"{why} at step {trainer.step}: {', '.join(kept)} (an earlier run) unchanged; this "
+                      f"run's vectors are in {', '.join(str(p) for p in where)}. Queue again with if_exists = resume "
+                      "to continue it")
+        else:
+            log.info("%s at step %d; saved %s", why, trainer.step, ", ".join(str(p) for p in where))
+        return where
+
+    def finish_all(self, trainer: Trainer) -> tuple[list[Path], list[LearnedEmbedding]]:
+        """The run completed: every concept's file is earned (``keep = "best"``: each holds the run's best step)."""
+        for m in self.members:
+            m.protected = False
+        written = self.checkpoint(trainer)
+        kept = trainer.embeddings()
+        if trainer.config.keep == "best":
+            for i, m in enumerate(self.members):
+                best = m.best(trainer)
+                if best is not None:
+                    written[i] = save_embedding(best, m.embedding, overwrite=True)
+                    kept[i] = best
+        for m in self.members:
+            m.unfinished.unlink(missing_ok=True)
+        return written, kept
+
+    def run(self, trainer: Trainer, callback) -> tuple[TrainResult, list[Path]]:
+        """``RunFiles.run`` for every concept: the result (each concept's kept embedding) and the files written."""
+        return _run_to_end(self, trainer, callback)
+
+    def fingerprint(self) -> str:
+        """Changes when a resume would start from somewhere else."""
+        return "|".join(m.fingerprint() for m in self.members)

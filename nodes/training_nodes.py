@@ -2,6 +2,11 @@
 
 Both encode the concept images with the VAE first (the VAE is not kept loaded while training),
 then train inside ``training_host`` (full load, gradients inside ComfyUI's inference-mode prompt).
+
+With Add Concept nodes on its ``concepts`` input the trainer learns its own concept and each added
+one in one ``Trainer``: each micro-batch holds ``batch_size`` draws of every concept (so N concepts
+make a UNet batch of ``batch_size`` x N, and every concept gets the steps and the batch it would get
+alone), one embedding file per concept (``RunGroup``), and the contrast is Eq. 2 across them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..inversion import charts
 from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.optim import AdamW, RiemannianSGD
 from ..inversion.options import TrainingOptions
-from ..inversion.presets import PRESETS, MethodParams, build_method
+from ..inversion.presets import PRESETS, MethodParams, build_method, prior_directions
 from ..inversion.profiler import profile_gradients
 from ..inversion.regularizers import L2Norm, L2ToInit, contrastive
 from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_concept
@@ -27,8 +32,9 @@ from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_ho
                          with_compute_dtype)
 from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
-from .run_files import IF_EXISTS, RunFiles, migrate_side_files
-from .types import DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
+from .concept_nodes import ConceptInput, concept_list
+from .run_files import IF_EXISTS, RunFiles, RunGroup, migrate_side_files
+from .types import ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
 
@@ -237,6 +243,14 @@ class TrainTextualInversion(io.ComfyNode):
                                    tooltip="Preview Options: images of the prompts every N steps, sampled on this "
                                    "model with the vectors so far, shown on the node. Unconnected = no previews "
                                    "(nothing is sampled)."),
+                ConceptsType.Input("concepts", optional=True,
+                                   tooltip="More concepts (Add Concept nodes, chained): trained in this same run with "
+                                   "this node's own concept: one model load, each step's UNet batch holds batch_size "
+                                   "images of every concept, one file models/embeddings/<name>.safetensors per "
+                                   "concept (if_exists applies to each; the run's state is kept in "
+                                   "models/inversion_runs/<this node's name>), a loss and norm curve per concept on "
+                                   "the chart, and Training Options' contrastive_weight is seeds/003 Eq. 2 across "
+                                   "the concepts. Previews show this node's own concept."),
             ],
             outputs=[
                 EmbeddingType.Output("embedding", display_name="embedding",
@@ -246,54 +260,100 @@ class TrainTextualInversion(io.ComfyNode):
                 io.Image.Output("previews_out", display_name="previews",
                                 tooltip="The previews (Preview Options): a row per preview step, a column per prompt. "
                                 "Without previews, a small black image."),
+                io.String.Output("paths", display_name="paths",
+                                 tooltip="Every embedding file written, one per line: this node's concept first, "
+                                 "then each added concept's (just path without the concepts input)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, name="", if_exists="error", **_):
+    def fingerprint_inputs(cls, name="", if_exists="error", concepts=None, **_):
         if if_exists != "resume":
             return ""
         try:
-            return RunFiles.of(name.strip()).fingerprint()
-        except ValueError:
+            names = [name.strip()] + [c.name for c in concept_list(concepts)]
+            return "|".join(RunFiles.of(n).fingerprint() for n in names)
+        except (ValueError, TypeError):
             return ""
 
     @classmethod
     def execute(cls, model, clip, vae, init, name, method, steps, learning_rate, batch_size, seed, if_exists,
-                images=None, masks=None, dataset=None, profile=None, options=None, previews=None) -> io.NodeOutput:
+                images=None, masks=None, dataset=None, profile=None, options=None, previews=None,
+                concepts=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
         if profile is not None and profile.reading != opts.g_reading:
             raise ValueError(f"profile: measured with g_reading = {profile.reading} but this run uses {opts.g_reading}; "
                              "set the same g_reading on the Training Options wired into both nodes")
-        files, resume = RunFiles.open(name.strip(), if_exists, node)
-        concept = concept_data(model, clip, vae, init, name.strip(), images=images, masks=masks, dataset=dataset,
-                               flip=opts.flip)
-        params = replace(opts.method, class_word=opts.method.class_word or init.metadata.get("class_word", ""))
-        metadata = {"method": method, "model_family": embedding_family(init.keys), **_image_metadata(images, dataset),
-                    "batch_size": batch_size, "trainer": "ComfyUI-Inversion"}
+        specs = [ConceptInput(name.strip(), init, images, masks, dataset), *concept_list(concepts)]
+        files, resume = _open_files([c.name for c in specs], if_exists, node)
+        data = [_concept(model, clip, vae, c, opts.flip) for c in specs]
+        names = [c.name for c in specs] if len(specs) > 1 else None
+        metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
+                    "trainer": "ComfyUI-Inversion", **({"concepts": ",".join(names)} if names else {})}
         model = with_compute_dtype(model, opts.precision)  # "auto": the model as loaded
         shown = None if previews is None else TrainingPreviews(previews, model, clip, vae, node)  # before the run
         with training_host(model, clip) as host, _memory(model, opts):
             autocast_dtype, loss_scale = training_precision(host, opts.precision)
-            config = _config(opts, steps=steps, batch_size=batch_size, seed=seed, lr=learning_rate or None,
-                             autocast_dtype=autocast_dtype, loss_scale=loss_scale)
-            m = build_method(method, host.text_side, host.denoiser.num_timesteps, params, profile=profile,
-                             init_vectors=concept.embedding.vectors, init_text=init.metadata.get("init_text") or None)
-            trainer = Trainer(host.text_side, host.denoiser, [concept], config, timesteps=m.sampler,
-                              optimizer=m.optimizer, regularizers=_regularizers(opts),
+            config = _config(opts, steps=steps, batch_size=batch_size * len(data), seed=seed,
+                             lr=learning_rate or None, autocast_dtype=autocast_dtype, loss_scale=loss_scale,
+                             balance_concepts=len(data) > 1)
+            m = _method(method, host, opts, profile, specs, data)
+            trainer = Trainer(host.text_side, host.denoiser, data, config, timesteps=m.sampler,
+                              optimizer=m.optimizer, regularizers=_regularizers(opts, len(data)),
                               resume=resume, checkpoint=files.checkpoint, snapshot=files.snapshot,
                               metadata={k: str(v) for k, v in metadata.items()})
-            reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step)
+            reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step, concepts=names)
             callback = reporter if shown is None else shown.after_steps(trainer, reporter)
-            result, written = files.run(trainer, callback)
+            result, written = _run(files, trainer, callback)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
                                   total=steps, last_info=reporter.last, stop_step=result.stop_step,
-                                  stop_reason=result.stop_reason)
+                                  stop_reason=result.stop_reason, concepts=names)
         chart = charts.loss_chart(payload)[None]
         grid = previews_off() if shown is None else shown.grid()
-        return io.NodeOutput(result.embedding, chart, str(written), grid, ui={UI_KEY: [payload]})
+        return io.NodeOutput(result.embedding, chart, str(written[0]), grid, "\n".join(str(p) for p in written),
+                             ui={UI_KEY: [payload]})
+
+
+def _open_files(names: list[str], if_exists: str, node: str | None):
+    """The run's files: ``RunFiles`` for one concept, ``RunGroup`` for several; and the state to resume."""
+    if len(names) == 1:
+        return RunFiles.open(names[0], if_exists, node)
+    return RunGroup.open(names, if_exists, node)
+
+
+def _run(files, trainer: Trainer, callback):
+    """Train to the end through ``files``: the result and every embedding file written (a list)."""
+    result, written = files.run(trainer, callback)
+    return result, written if isinstance(written, list) else [written]
+
+
+def _concept(model, clip, vae, c: ConceptInput, flip: bool) -> ConceptData:
+    """``concept_data`` for one wired concept, its file's image metadata (count, sizes) in its embedding."""
+    data = concept_data(model, clip, vae, c.init, c.name, images=c.images, masks=c.masks, dataset=c.dataset,
+                        flip=flip)
+    data.embedding.metadata.update(_image_metadata(c.images, c.dataset))
+    return data
+
+
+def _method(method: str, host, opts: TrainingOptions, profile, specs: list[ConceptInput], data: list[ConceptData]):
+    """The run's timestep sampler and optimiser. DTI's prior directions are each concept's own (its init
+    text and class word); with several concepts they are worked out here, one concept at a time."""
+    def class_word(c: ConceptInput) -> str:
+        return opts.method.class_word or c.init.metadata.get("class_word", "")
+
+    T = host.denoiser.num_timesteps
+    if len(data) == 1:
+        c = specs[0]
+        return build_method(method, host.text_side, T, replace(opts.method, class_word=class_word(c)),
+                            profile=profile, init_vectors=data[0].embedding.vectors,
+                            init_text=c.init.metadata.get("init_text") or None)
+    mu = [prior_directions(host.text_side, d.embedding.vectors, c.init.metadata.get("init_text") or None,
+                           class_word(c)) for c, d in zip(specs, data)]
+    init = {k: torch.cat([x[k] for x in mu]) for k in mu[0]}  # already the directions: no class word again
+    return build_method(method, host.text_side, T, replace(opts.method, class_word=""), profile=profile,
+                        init_vectors=init, init_text=None)
 
 
 def _image_metadata(images, dataset) -> dict[str, str]:

@@ -356,4 +356,33 @@ WORKFLOWS: list[W] = [
     ], TRAIN_LINKS + OPTIONS_LINKS + SAMPLE_LINKS + [
         ("previews", "previews", "train", "previews"), ("train", "previews", "grid", "images"),
     ]),
+    W("11_several_concepts", [
+        note("SEVERAL CONCEPTS IN ONE RUN",
+             "Add Concept brings a second concept (its own images, init and name) into the trainer's concepts "
+             "input; chain more Add Concept nodes (concepts into concepts) for more. One run trains them all: the "
+             "model is prepared once and every step's UNet batch holds batch_size images of each concept, so each "
+             "concept gets the steps and the batch it would get alone. Each concept gets its own file "
+             "(models/embeddings/<name>.safetensors; the trainer's paths output lists them) and its own loss and "
+             "norm curve on the chart.",
+             f"Put the photos of the first concept in ComfyUI/input/{CONCEPT}/ and of the second in "
+             "ComfyUI/input/my-second-concept/, pick your checkpoint, then Queue. With several concepts Training "
+             "Options' contrastive_weight is Arar et al.'s Eq. 2 across them: each concept's vectors are pushed "
+             "away from the others' and toward their nearest real words.",
+             size=(460, 380)),
+        checkpoint(SD15),
+        load_images(512),
+        N("images2", "InversionLoadConceptImages", {"folder": "my-second-concept", "size": 512, "fit": "crop",
+                                                     "alpha_as_mask": True}, row=1),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        N("init2", "InversionCaptionInit", {"mode": "manual", "text": "a mug"}, row=1),
+        N("add", "InversionAddConcept", {"name": "my-second-concept"}, row=1),
+        options(contrastive_weight=0.001),
+        train("adaptive", 800),
+        N("chart", "PreviewImage"),
+        N("paths", "PreviewAny", title="Files written"),
+    ], TRAIN_LINKS + OPTIONS_LINKS + [
+        ("ckpt", "CLIP", "init2", "clip"), ("init2", "init", "add", "init"),
+        ("images2", "images", "add", "images"), ("images2", "masks", "add", "masks"),
+        ("add", "concepts", "train", "concepts"), ("train", "paths", "paths", "source"),
+    ]),
 ]

@@ -150,10 +150,26 @@ a cancelled run leaves it as it was and keeps its own vectors in `models/inversi
 ## Regularisers
 
 Training Options' **l2_weight** penalises large vectors; **l2_init_weight** pulls each vector back
-toward its initial vector; **contrastive_weight** keeps each vector near real words: its nearest
-tokens against the rest of the vocabulary, a one-concept adaptation of the nearest-neighbour
-contrastive loss (Arar et al.'s Eq. 2 needs other concepts trained together as negatives). All help
-a concept combine with other words in prompts.
+toward its initial vector; **contrastive_weight** keeps each vector near real words. With one
+concept it is a one-concept adaptation of the nearest-neighbour contrastive loss: its nearest
+tokens against the rest of the vocabulary. With several concepts (**concepts** connected) it is
+Arar et al.'s Eq. 2 itself: the nearest tokens against the other concepts' vectors. All help a
+concept combine with other words in prompts.
+
+## Several concepts in one run
+
+Chain **Add Concept** nodes (each with its own images, init and name) into **concepts**: the run
+trains this node's concept and each added one together. The model is prepared once and every
+step's UNet batch holds **batch_size** images of each concept (sample j of a batch is concept
+j mod N, so with 3 concepts and batch_size 1 the UNet sees 3 images per step): each concept gets
+the steps and the batch it would get alone. Each concept gets its own file,
+`models/embeddings/<name>.safetensors` (**paths** lists them, this node's first), with the
+**if_exists** rules applied to each: a cancelled run replaces none of them. The run's state is
+kept in `models/inversion_runs/<this node's name>/` (each concept's snapshots in its own folder);
+resume it with the same concepts in the same order. The chart draws a loss curve (smoothed) and a
+vector-norm curve per concept. Previews show this node's own concept. Two concepts of one name
+are refused. When the concepts' images differ in size (aspect buckets), a batch cannot mix them:
+then its images are drawn from all concepts' images together instead of evenly per concept.
 
 ## Previews
 
@@ -170,6 +186,27 @@ the background leaks in.
 """,
         "paper": "000 002 003 gal",
     },
+    "InversionAddConcept": {
+        "body": """\
+## What it does
+
+Adds one concept to a Train Textual Inversion run: its **name** (the file
+`models/embeddings/<name>.safetensors` and the word after `embedding:`), its initial vectors
+(**init**, from Caption Init) and its pictures (**images** and **masks**, or **dataset**, from Load
+Concept Images). Chain several: each node's **concepts** output into the next one's **concepts**
+input, the last into the trainer's **concepts**. Nothing is computed here; the trainer encodes the
+images and trains every concept in one run (see its help: one model load, each step's UNet batch
+holds batch_size images of each concept, one file per concept).
+
+## Why train several together
+
+One run instead of N: the model is prepared once and the concepts share each UNet batch, which is
+faster than N separate runs (the README gives the measured ratio). With **contrastive_weight** on
+Training Options the concepts are each other's negatives (Arar et al.'s Eq. 2), which keeps similar
+concepts apart. Every concept needs a name of its own; a name used twice is refused.
+""",
+        "paper": "003",
+    },
     "InversionTrainingOptions": {
         "body": """\
 ## What it is for
@@ -182,7 +219,9 @@ which measures with the same templates and flip). Unconnected, the trainer uses 
 
 - **Method parameters**: interval_start / interval_end (interval), single_t (single_step),
   window (high_grad*), adaptive_bins (adaptive*), kappa and class_word (directional*).
-- **Regularisers**: l2_weight, contrastive_weight, l2_init_weight (0 = off).
+- **Regularisers**: l2_weight, contrastive_weight, l2_init_weight (0 = off). contrastive_weight is
+  the vocabulary contrast for one concept, and Arar et al.'s Eq. 2 across the concepts of a run of
+  several (Add Concept).
 - **Schedule**: lr_schedule (constant, linear or cosine to 0 at the last step) after
   warmup_steps of linear warm-up; grad_accum micro-batches per step (an effective batch of
   batch_size x grad_accum without its memory); max_grad_norm clipping.

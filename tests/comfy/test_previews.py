@@ -173,11 +173,11 @@ def test_bad_wiring_and_too_many_rows_are_refused_before_training(comfyui, sd2, 
 
 def test_schemas_are_valid_and_existing_sockets_keep_their_order(comfyui):
     nodes = _nodes(comfyui)
-    for cls in (nodes["PreviewOptionsNode"], nodes["TrainTextualInversion"]):
+    for cls in (nodes["PreviewOptionsNode"], nodes["TrainTextualInversion"], nodes["AddConcept"]):
         cls.define_schema().validate()  # what ComfyUI checks when it registers the pack (unique ids)
     schema = nodes["TrainTextualInversion"].define_schema()
-    assert [i.id for i in schema.inputs][-2:] == ["options", "previews"]
-    assert [o.display_name for o in schema.outputs] == ["embedding", "chart", "path", "previews"]
+    assert [i.id for i in schema.inputs][-3:] == ["options", "previews", "concepts"]  # append-only
+    assert [o.display_name for o in schema.outputs] == ["embedding", "chart", "path", "previews", "paths"]
 
 
 def test_preview_steps_include_the_last_and_follow_a_resumed_start(comfyui):

@@ -7,7 +7,7 @@
 //
 // The frontend imports every .js under web/, this module too: it only exports.
 
-import { bestWindow, ema, finite, histogram, limits, linspace, minmax, niceTicks, smoothingFor } from "./chart_math.js";
+import { bestWindow, conceptSeries, ema, finite, histogram, limits, linspace, minmax, niceTicks, smoothingFor } from "./chart_math.js";
 
 export const COLORS = {
   bg: "#1b1c20",
@@ -26,6 +26,9 @@ export const COLORS = {
   target: "#e25555",
   score: "#3fc6a8",
 };
+
+// One per concept of a multi-concept run, in order (cycled): inversion/charts.py CONCEPT_COLORS.
+export const CONCEPT_COLORS = ["#e05a5b", "#5cc05c", "#a58bd6", "#ff9f40", "#3fc8d8", "#c49a8c"];
 
 /** A tick label for v on an axis spanning `span`. */
 function fmt(v, span) {
@@ -234,6 +237,11 @@ export function drawTrain(ctx, w, h, d) {
     ax.line(d.step, d.loss, COLORS.raw, 1);
     ax.line(d.step, ema(d.loss, a), COLORS.smooth, 2);
     const keys = [["raw", COLORS.raw], [`EMA ${a.toFixed(2)}`, COLORS.smooth]];
+    conceptSeries(d, "concept_loss").forEach(([name, values], i) => {
+      const color = CONCEPT_COLORS[i % CONCEPT_COLORS.length];
+      ax.line(d.step.slice(0, values.length), ema(values, a), color, 1);
+      keys.push([name, color]);
+    });
     if (score.some(finite)) {
       ax.line(d.score_step, score, COLORS.score, 2);
       keys.push(["score", COLORS.score]);
@@ -269,11 +277,15 @@ export function drawTrain(ctx, w, h, d) {
       ax.frame("adaptive g(t)", { xint: true });
       ax.bars(edges, g, COLORS.gest);
     } else {
-      const vals = d.vector_norm.concat(finite(d.target_norm) ? [d.target_norm] : []);
+      const perConcept = conceptSeries(d, "concept_vector_norm");
+      const vals = d.vector_norm.concat(finite(d.target_norm) ? [d.target_norm] : [], ...perConcept.map(([, v]) => v));
       const [s0, s1] = minmax(d.step);
       const ax = new Axes(ctx, box, [s0, s1], limits(vals));
-      ax.frame("vector norm", { xint: true });
-      ax.line(d.step.slice(0, d.vector_norm.length), d.vector_norm, COLORS.norm, 2);
+      ax.frame(perConcept.length ? "vector norm per concept" : "vector norm", { xint: true });
+      if (!perConcept.length) ax.line(d.step.slice(0, d.vector_norm.length), d.vector_norm, COLORS.norm, 2);
+      perConcept.forEach(([, values], i) => {
+        ax.line(d.step.slice(0, values.length), values, CONCEPT_COLORS[i % CONCEPT_COLORS.length], 2);
+      });
       if (finite(d.target_norm)) {
         const y = ax.py(d.target_norm);
         ctx.strokeStyle = COLORS.target;

@@ -33,7 +33,22 @@ function emptyTrain() {
     kind: "train", step: [], loss: [], timesteps: [], vector_norm: [], lr: [], grad_norm: [],
     g_estimate: null, bin_edges: null, target_norm: null, num_timesteps: 1000, method: "", total: 0,
     score_step: [], score: [], best_step: null, best_score: null, stop_step: null,
+    concepts: [], concept_loss: [], concept_vector_norm: [],
   };
+}
+
+function rowsOf(v) {
+  return Array.isArray(v) ? v.map((r) => (Array.isArray(r) ? r.map(num) : [])) : [];
+}
+
+/** A multi-concept run's series (nodes/comfy_run.py): [name, values per step] for each concept of
+ * `key` ("concept_loss" or "concept_vector_norm"); [] for a run of one concept
+ * (inversion/charts.py concept_series). */
+export function conceptSeries(d, key) {
+  const names = Array.isArray(d?.concepts) ? d.concepts.map(String) : [];
+  const rows = Array.isArray(d?.[key]) ? d[key] : [];
+  if (names.length < 2 || !rows.length) return [];
+  return names.map((n, i) => [n, rows.map((r) => (Array.isArray(r) ? num(r[i]) : NaN))]);
 }
 
 /** Normalise a final `inversion_chart` dict (whole history) into the chart's data. */
@@ -58,6 +73,9 @@ export function fromOutput(d) {
   [out.best_step, out.best_score] = finite(d.best_step) && finite(d.best_score)
     ? [d.best_step, d.best_score] : bestScore(out.score_step, out.score);
   out.stop_step = finite(d.stop_step) ? d.stop_step : null;
+  out.concepts = Array.isArray(d.concepts) ? d.concepts.map(String) : [];
+  out.concept_loss = rowsOf(d.concept_loss);
+  out.concept_vector_norm = rowsOf(d.concept_vector_norm);
   out.final = true;
   return out;
 }
@@ -101,6 +119,11 @@ export function appendTrain(data, e) {
     [data.best_step, data.best_score] = bestScore(data.score_step, data.score);
   }
   if (finite(e.stop_step)) data.stop_step = e.stop_step;
+  if (Array.isArray(e.concepts) && Array.isArray(e.concept_vector_norm)) {
+    data.concepts = e.concepts.map(String);
+    data.concept_vector_norm.push(e.concept_vector_norm.map(num));
+    data.concept_loss.push(Array.isArray(e.concept_loss) ? e.concept_loss.map(num) : []);
+  }
   return data;
 }
 
@@ -125,7 +148,8 @@ export function summary(data) {
   if (!data) return null;
   return data.kind === "profile"
     ? { kind: "profile", bins: data.mean.length, measured: data.mean.filter(finite).length }
-    : { kind: "train", steps: data.step.slice(), last_loss: data.loss[data.loss.length - 1] ?? null };
+    : { kind: "train", steps: data.step.slice(), last_loss: data.loss[data.loss.length - 1] ?? null,
+      concepts: (data.concepts ?? []).slice(), concept_norm_steps: (data.concept_vector_norm ?? []).length };
 }
 
 /** Debiased EMA (the same as inversion/charts.py:ema): non-finite values are skipped. */
