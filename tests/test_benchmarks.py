@@ -28,3 +28,33 @@ def test_train_speed_quick_prints_finite_numbers():
     cells = rows[0].replace("|", " ").split()
     ours, floor, ratio = float(cells[4]), float(cells[6]), float(cells[9])
     assert all(math.isfinite(x) and x > 0 for x in (ours, floor, ratio)), rows[0]
+
+
+def test_paired_bootstrap_interval_covers_the_true_shift_and_excludes_zero():
+    """Seeds share their noise: a method that is 0.1 better on every seed, under per-seed noise 5x
+    larger than the shift, is detected by the paired difference (the unpaired spread would hide it)."""
+    import random
+
+    from benchmarks.world_stats import bootstrap_ci, paired_difference
+
+    rng = random.Random(1)
+    base = {s: rng.gauss(0.5, 0.5) for s in range(12)}
+    method = {s: base[s] + 0.1 + rng.gauss(0, 0.01) for s in range(12)}
+    d = paired_difference(method, base)
+    assert d["low"] > 0 and d["low"] < 0.1 < d["high"] and d["ahead"] == 12 and d["seeds"] == 12
+    m, lo, hi = bootstrap_ci([1.0, 1.0, 1.0])
+    assert (m, lo, hi) == (1.0, 1.0, 1.0)
+    same = paired_difference(base, base)
+    assert same["low"] == same["high"] == 0.0 and same["ahead"] == same["behind"] == 0
+
+
+def test_steps_to_threshold_needs_a_sustained_crossing_and_reports_never():
+    from benchmarks.world_stats import INF, median_ci, seconds_to_threshold, steps_to_threshold, value_at
+
+    steps = [0, 10, 20, 30, 40]
+    assert steps_to_threshold(steps, [0.1, 0.9, 0.2, 0.8, 0.85], 0.8) == 30  # a lone spike at 10 does not count
+    assert steps_to_threshold(steps, [0.1, 0.2, 0.3, 0.4, 0.9], 0.8) == INF
+    med, lo, hi = median_ci([10.0, 20.0, INF, INF, INF])
+    assert med == INF and lo <= 20.0  # most seeds never reach it: the median says so
+    assert seconds_to_threshold(30, 0.5, fixed_seconds=4.0) == 19.0 and seconds_to_threshold(INF, 0.5) == INF
+    assert value_at([0, 10], [0.0, 1.0], 2.5) == 0.25 and value_at([0, 10], [0.0, 1.0], 99) == 1.0

@@ -78,6 +78,55 @@ def test_shipped_world_loads_and_judge_is_accurate(world):
     assert len(world.encoder.tokenize(HELD_OUT)) > 1 and len(world.encoder.tokenize(HIDDEN_SLOT)) > 1
 
 
+def test_judge_answers_none_for_what_is_no_shape(world):
+    """Fresh renders (seeds the training never saw) are named, never "none"; off-distribution images
+    (irregular polygons, blobs, ellipses, cut discs, blends, empty backgrounds) are called "none"."""
+    from inversion.world.judge import NONE, OFF_KINDS, confusion
+
+    c = confusion(world.judge, n=96, seed=777, image_size=world.image_size)
+    assert c["renders_shape_accuracy"] >= JUDGE_MIN_ACCURACY and c["renders_called_none"] <= 0.02, c
+    assert c["off_called_a_shape"] <= 0.05, c
+    assert set(c["off_called_a_shape_per_kind"]) == set(OFF_KINDS) and NONE in c["rows"]
+
+
+def test_world_noise_schedule_is_stable_diffusions():
+    """World v2 uses SD's scaled-linear betas, so seeds/000's timestep indices mean SD's noise levels:
+    log-SNR at t=400 is -0.30 (world v1's cosine schedule reached that only at t~544)."""
+    import math
+
+    from inversion.world.model import WorldConfig
+
+    abar = WorldConfig().schedule_obj().alphas_cumprod
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(abar, torch.cumprod(1 - betas, 0))
+
+    def log_snr(t: int) -> float:
+        return math.log(float(abar[t]) / (1 - float(abar[t])))
+
+    assert log_snr(400) == pytest.approx(-0.304, abs=0.002)
+    assert log_snr(0) == pytest.approx(7.07, abs=0.01) and log_snr(999) == pytest.approx(-5.36, abs=0.01)
+
+
+def test_text_reaches_the_unet_only_through_cross_attention(world):
+    """As in SD1.x/SD2.x: with every cross-attention output zeroed, the prompt no longer matters
+    (world v1 also fed a pooled text summary into every block)."""
+    import copy
+
+    from inversion.world.unet import Attention
+
+    unet = copy.deepcopy(world.unet)
+    x = torch.randn(2, 3, world.image_size, world.image_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([300, 700])
+    a = world.conditioning(["a photo of a red star", "a photo of a blue circle"]).context
+    b = world.conditioning(["a photo of a big green cross on a white background", ""]).context
+    assert not torch.allclose(unet(x, t, a), unet(x, t, b))
+    for m in unet.modules():
+        if isinstance(m, Attention) and m.cross:
+            torch.nn.init.zeros_(m.out.weight)
+            torch.nn.init.zeros_(m.out.bias)
+    torch.testing.assert_close(unet(x, t, a), unet(x, t, b))
+
+
 def test_placeholder_vectors_plug_in_like_words(world):
     """A learned vector equal to a word's token row conditions the model exactly as the word does."""
     star = world.encoder.tokenize("star")
@@ -138,9 +187,10 @@ def test_ddim_recovers_the_point_an_ideal_denoiser_knows():
         torch.testing.assert_close(out, target.expand(2, -1, -1, -1), atol=1e-4, rtol=0)
 
 
-def test_short_inversion_beats_the_generic_prompt(world):
-    """A short adaptive inversion from 4 concept images: the judge finds the held-out shape in more
-    generated images than with the word the model files it under ("thing")."""
+def test_short_inversion_fits_the_concept_images(world):
+    """A short vanilla inversion from 4 concept images lowers the loss on fixed draws (the DVAR score:
+    same images, noise and timesteps before and after) below the class word's, and the learned
+    vector is no longer the class word's."""
     from inversion.init import make_embedding
     from inversion.presets import build_method
     from inversion.trainer import TrainConfig, Trainer, prepare_concept
@@ -148,15 +198,15 @@ def test_short_inversion_beats_the_generic_prompt(world):
     images, _ = concept_set(4, seed=0, size=world.image_size)
     emb = make_embedding(world.text, "probe", init_word=GENERIC, placeholder="<c>")
     data = prepare_concept(world.latents, images, emb)
-    method = build_method("adaptive", world.text, world.denoiser.num_timesteps, init_vectors=emb.vectors)
-    cfg = TrainConfig(steps=INVERSION_TEST_STEPS, batch_size=4, lr=method.lr, templates=world.templates, seed=0)
-    result = Trainer(world.text, world.denoiser, [data], cfg, timesteps=method.sampler,
-                     optimizer=method.optimizer).run()
-    n = 12
-    learned = world.judge_images(world.generate(["a photo of a <c>"] * n, result.embedding, seed=3, steps=8))
-    generic = world.judge_images(world.generate([f"a photo of a {GENERIC}"] * n, seed=3, steps=8))
-    rate, base = world.concept_share(learned["shape"]), world.concept_share(generic["shape"])
-    assert rate >= base + 0.25, (rate, base)
+    method = build_method("vanilla", world.text, world.denoiser.num_timesteps, init_vectors=emb.vectors)
+    cfg = TrainConfig(steps=INVERSION_TEST_STEPS, batch_size=4, lr=5e-3, templates=world.templates, seed=0)
+    tr = Trainer(world.text, world.denoiser, [data], cfg, timesteps=method.sampler, optimizer=method.optimizer)
+    before = tr.evaluate(8, 12345)
+    result = tr.run()
+    after = tr.evaluate(8, 12345)
+    assert after < 0.97 * before, (before, after)
+    moved = torch.nn.functional.cosine_similarity(result.embedding.vectors["clip_l"], emb.vectors["clip_l"])
+    assert float(moved.max()) < 0.99
 
 
 def test_demo_runs_end_to_end(tmp_path, world):
@@ -186,6 +236,7 @@ def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
     assert "vanilla [0,1000)" in names and "reference: no inversion ('thing')" in names
     run = next(r for r in data["runs"] if r["variant"] == "vanilla [0,1000)")
     assert run["steps"] == [0, 10, 20] and len(run["concept"]) == 3 and len(run["loss"]) == 20
+    assert len(run["none"]) == 3 and run["train_seconds"] > 0
     assert len(data["profile"]["mean"]) == 20 and data["profile_after"] is not None
     table = (tmp_path / "world_methods.md").read_text()
     assert "| vanilla [0,1000) | uniform |" in table

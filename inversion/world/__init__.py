@@ -2,8 +2,10 @@
 
 ``load_world()`` returns the shipped model (trained by ``python -m inversion.world.train``):
 a CLIP tokenizer and ``CLIPTextModel`` (as ``HFTextEncoder``, key ``clip_l``), a cross-attention
-UNet on a 1000-step DDPM schedule (as ``ScheduledDenoiser``), pixel "latents", a DDIM sampler, the
-judge that reads attributes off images, and the renderer of the world's images. The held-out
+UNet on Stable Diffusion's 1000-step scaled-linear schedule with epsilon prediction (as
+``ScheduledDenoiser``), pixel "latents", a DDIM sampler, the judge that reads attributes off images
+(and may answer "none"), and the renderer of the world's images. This is world v2 (issue 12): SD's
+schedule, uniform epsilon-MSE training, text only through cross-attention. The held-out
 shape ``HELD_OUT`` is drawn by the model but named by no word (its word was trained with the
 model and then removed, see ``inversion.world.render``): inverting it is the test task.
 """
@@ -94,8 +96,9 @@ class World:
 
 
 def load_world(folder: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> World:
-    """Load the world model, judge and tokenizer from ``folder`` (default: the shipped assets)."""
+               dtype: torch.dtype = torch.float32, judge_folder: str | os.PathLike | None = None) -> World:
+    """Load the world model, judge and tokenizer from ``folder`` (default: the shipped assets); the
+    judge from ``judge_folder`` when given (the worlds kept during training have none of their own)."""
     folder = os.fspath(folder or ASSETS)
     config, info = load_config(os.path.join(folder, "world.json"))
     tokenizer = load_tokenizer(folder)
@@ -103,7 +106,7 @@ def load_world(folder: str | os.PathLike | None = None, device: torch.device | s
     unet = build_unet(config)
     load_weights(os.path.join(folder, "world.safetensors"), {"text": text_model, "unet": unet})
     judge = Judge()
-    load_weights(os.path.join(folder, "judge.safetensors"), {"judge": judge})
+    load_weights(os.path.join(os.fspath(judge_folder or folder), "judge.safetensors"), {"judge": judge})
     for m in (text_model, unet, judge):
         m.to(device, dtype).eval().requires_grad_(False)
     encoder = build_encoder(text_model, tokenizer)

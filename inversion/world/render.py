@@ -74,7 +74,7 @@ BACKGROUNDS: dict[str, tuple[float, float, float]] = {
     "brown": (0.42, 0.27, 0.14),
 }
 BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
-IMAGE_SIZE = 24  # pixels per side of the world's images
+IMAGE_SIZE = 32  # pixels per side of the world's images
 SIZES: dict[str, float] = {"small": 0.27, "big": 0.40}  # large: a shape is a matter of a few pixels  # radius as a fraction of the image side
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 

@@ -1,14 +1,16 @@
 """Train the miniature world from scratch: ``python -m inversion.world.train``.
 
 Text encoder and UNet are trained jointly on the epsilon loss ||eps_theta(x_t, t, c(y)) - eps||^2
-(Ho et al. 2020; seeds/000 Eq. 1) with captions dropped to "" 10 % of the time, so classifier-free
+(Ho et al. 2020; seeds/000 Eq. 1), uniform over t as Stable Diffusion was trained, with captions dropped to "" 10 % of the time, so classifier-free
 guidance works (Ho & Salimans 2022). Then the judge is trained on labelled renders. Everything is
 seeded; the weights (EMA of the UNet and text encoder, fp16), the tokenizer and the configuration
 are written to ``inversion/world/assets/`` (or ``--out``), which the library loads with
 ``inversion.world.load_world()``.
 
-Takes about 25 minutes on 2 CPU cores (``--steps`` trades quality for time; ``--judge-only`` and
-``--world-only`` redo one half).
+Takes 30-55 minutes on 2 CPU cores (``--steps`` trades quality for time; ``--judge-only`` and
+``--world-only`` redo one half). ``--curve DIR`` also keeps the EMA weights every
+``--curve-every`` steps, which ``python -m inversion.world.evaluate --curve DIR`` turns into the
+accuracy-against-training-time curve.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..prompts import build_prompt_batch
-from .judge import JudgeTrainConfig, judge_accuracy, train_judge
+from .judge import JudgeTrainConfig, confusion, judge_accuracy, train_judge
 from .model import (ASSETS, WorldConfig, build_encoder, build_text_model, build_tokenizer, build_unet,
                     save_config, save_weights)
 from .render import HIDDEN_SLOT, CaptionConfig, training_batch
@@ -37,14 +40,22 @@ __all__ = ["WorldTrainConfig", "train_world", "train_and_save_judge", "main"]
 
 @dataclass(frozen=True)
 class WorldTrainConfig:
-    steps: int = 6500  # ~20 min on 2 busy CPU cores (~12 idle); still improving at the end
+    steps: int = 14000  # 39 min on 2 CPU cores (0.12-0.25 s a step by load); see docs/results/world_curve.md
     batch_size: int = 24  # more, smaller steps learn faster per sample here
     lr: float = 1e-3  # high for a diffusion model, but the net is tiny and the run short
     warmup: int = 200
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
-    ema: float = 0.998  # horizon ~500 steps: smooths the last part of a short run
+    ema: float = 0.999  # horizon ~1000 steps: smooths the last part of the run
     grad_clip: float = 1.0
-    max_weight: float = 20.0  # loss weight min(1 / abar_t, max_weight); see train_world
+    # Offset noise (Guttenberg 2023; SDXL's base training used 0.0357 on 128x128 latents): eps plus a
+    # per-image, per-channel constant ~ N(0, noise_offset^2). SD's schedule keeps sqrt(abar_999) = 0.068
+    # of the image, and averaged over 32 x 32 flat-coloured pixels that reads the image's colour with
+    # SNR ~4.8, so without an offset the model took the colour from the starting noise and ignored the
+    # prompt (measured at step 2000: two prompts with opposite backgrounds moved x0's mean colour by
+    # < 0.01). 0.15 makes the noise's mean ~5x its pixel average's spread (1/32), SDXL's ratio. The
+    # shape's coarse layout still leaks the same way (see docs/results/world_curve.md); multi-resolution
+    # noise, which would hide it too, made a model whose samples from white noise stay noise.
+    noise_offset: float = 0.15
     held_out_weight: float = 1.0  # the held-out shape is as frequent as each named one
     seed: int = 0
     captions: CaptionConfig = field(default_factory=CaptionConfig)
@@ -70,11 +81,13 @@ def _adapt_threads() -> None:
 
 
 def train_world(out: str, world: WorldConfig = WorldConfig(), cfg: WorldTrainConfig = WorldTrainConfig(),
-                log=print, auto_threads: bool = False) -> dict:
+                log=print, auto_threads: bool = False, curve: str | None = None, curve_every: int = 2500) -> dict:
     """Train and save the text encoder + UNet to ``out``; returns a summary dict.
 
     ``auto_threads``: switch between 1 and 2 CPU threads by the machine's load (results then
-    differ from a fixed-thread run by floating-point rounding only).
+    differ from a fixed-thread run by floating-point rounding only). ``curve``: a folder that
+    receives a complete world (weights, lost word, tokenizer, config with the wall time so far)
+    every ``curve_every`` steps, for the accuracy-against-training-time curve.
     """
     log = log or _quiet
     os.makedirs(out, exist_ok=True)
@@ -85,14 +98,8 @@ def train_world(out: str, world: WorldConfig = WorldConfig(), cfg: WorldTrainCon
     unet = build_unet(world)
     encoder = build_encoder(text_model, tokenizer)  # tokenisation exactly as inversion will do it
     schedule = world.schedule_obj()
-    # Loss weight per timestep: w(t) = min(1 / abar_t, max_weight), normalised to mean 1 over t.
-    # The plain eps loss weighs an error in x0 by SNR(t) = abar / (1 - abar), which is ~0 at
-    # high noise, yet that is where flat-colour images get their colours and shape from the text
-    # (at lower noise x_t already shows them). 1 / abar is the weight v-prediction gives the eps
-    # error (Salimans & Ho 2022); capping it keeps the nearly pure-noise steps from dominating.
-    abar = schedule.alphas_cumprod.float()
-    weights = (1.0 / abar).clamp(max=cfg.max_weight)
-    weights = weights / weights.mean()
+    # Uniform weights over t, as SD was trained (world v1 weighted by min(1 / abar_t, 20) and was then
+    # poorly trained at low noise, where its g(t) peaked).
     ema_text, ema_unet = copy.deepcopy(text_model).eval(), copy.deepcopy(unet).eval()
     for m in (ema_text, ema_unet):
         m.requires_grad_(False)
@@ -112,13 +119,15 @@ def train_world(out: str, world: WorldConfig = WorldConfig(), cfg: WorldTrainCon
         images, caps, _ = training_batch(rng, cfg.batch_size, world.image_size, cfg.captions, cfg.held_out_weight)
         x0 = images * 2 - 1
         noise = torch.randn_like(x0)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1)
         t = torch.randint(0, world.num_timesteps, (cfg.batch_size,))
         x_t = schedule.add_noise(x0, noise, t)
         batch = build_prompt_batch(encoder, caps, {HIDDEN_SLOT: (0, 1)})
         seen[batch.ids[batch.slots < 0].unique()] = True
         context = encoder.encode(batch.ids, batch.slots, hidden).hidden
         per = (unet(x_t, t, context) - noise).square().flatten(1).mean(1)
-        loss = (weights[t] * per).mean()
+        loss = per.mean()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -134,6 +143,13 @@ def train_world(out: str, world: WorldConfig = WorldConfig(), cfg: WorldTrainCon
         losses.append(per.mean().item())
         if auto_threads and step % 50 == 0:
             _adapt_threads()
+        if curve and (step + 1) % curve_every == 0 and step + 1 < cfg.steps:
+            snap = os.path.join(curve, f"step-{step + 1:06d}")
+            os.makedirs(snap, exist_ok=True)
+            for f in os.listdir(out):  # the tokenizer files build_tokenizer wrote
+                if f.endswith((".txt", ".json")) and f != "world.json":
+                    shutil.copy(os.path.join(out, f), snap)
+            _save_world(snap, world, cfg, ema_text, ema_unet, ema_hidden, seen, step + 1, time.time() - t0, losses)
         if step % 50 == 0 or step == cfg.steps - 1:
             el = time.time() - t0
             eta = el / (step + 1) * (cfg.steps - step - 1)
@@ -142,17 +158,26 @@ def train_world(out: str, world: WorldConfig = WorldConfig(), cfg: WorldTrainCon
                 f"elapsed {el / 60:.1f} min eta {eta / 60:.1f} min")
             sys.stdout.flush()
     wall = time.time() - t0
-    _settle_unseen_rows(ema_text.get_input_embeddings().weight, seen, cfg.seed)
-    meta = {"format": "inversion-world", "seed": str(cfg.seed), "steps": str(cfg.steps)}
-    save_weights(os.path.join(out, "world.safetensors"), {"text": ema_text, "unet": ema_unet}, meta)
+    summary = _save_world(out, world, cfg, ema_text, ema_unet, ema_hidden, seen, cfg.steps, wall, losses)
+    log(f"saved world to {out} after {wall / 60:.1f} min; final loss {summary['final_loss']:.4f}")
+    return summary
+
+
+def _save_world(out: str, world: WorldConfig, cfg: WorldTrainConfig, ema_text, ema_unet, ema_hidden: torch.Tensor,
+                seen: torch.Tensor, steps: int, wall: float, losses: list[float]) -> dict:
+    """Weights (EMA, fp16), the lost word and the config with a training summary, into ``out``."""
+    text = copy.deepcopy(ema_text)
+    _settle_unseen_rows(text.get_input_embeddings().weight, seen, cfg.seed)
+    meta = {"format": "inversion-world", "seed": str(cfg.seed), "steps": str(steps)}
+    save_weights(os.path.join(out, "world.safetensors"), {"text": text, "unet": ema_unet}, meta)
     # Not part of the model: the lost word, kept only so benchmarks can compare learned vectors with it.
     save_file({"vector": ema_hidden.to(torch.float16).contiguous()}, os.path.join(out, "held_out_word.safetensors"),
               metadata={"format": "inversion-world-held-out-word", "slot": HIDDEN_SLOT})
-    summary = {"train": _plain(asdict(cfg)), "train_wall_s": round(wall, 1),
+    n_params = sum(p.numel() for p in ema_unet.parameters()), sum(p.numel() for p in text.parameters())
+    summary = {"train": _plain(asdict(cfg)), "train_wall_s": round(wall, 1), "trained_steps": steps,
                "final_loss": float(np.mean(losses[-200:])), "unet_params": n_params[0],
                "text_params": n_params[1]}
     save_config(os.path.join(out, "world.json"), world, summary)
-    log(f"saved world to {out} after {wall / 60:.1f} min; final loss {summary['final_loss']:.4f}")
     return summary
 
 
@@ -189,7 +214,8 @@ def train_and_save_judge(out: str, world: WorldConfig = WorldConfig(),
     acc = judge_accuracy(judge, image_size=world.image_size)
     acc_aug = judge_accuracy(judge, image_size=world.image_size, augmented=True)
     report = {"judge_train": asdict(cfg), "judge_wall_s": round(time.time() - t0, 1),
-              "judge_accuracy_fresh_renders": acc, "judge_accuracy_augmented_renders": acc_aug}
+              "judge_accuracy_fresh_renders": acc, "judge_accuracy_augmented_renders": acc_aug,
+              "shape_confusion_augmented": confusion(judge, image_size=world.image_size)}
     with open(os.path.join(out, "judge.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, sort_keys=True)
     log(f"judge accuracy on 512 fresh renders: {acc}; augmented: {acc_aug}")
@@ -203,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--judge-steps", type=int, default=JudgeTrainConfig.steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=WorldTrainConfig.batch_size)
+    ap.add_argument("--curve", default=None, help="keep a complete world every --curve-every steps in this folder")
+    ap.add_argument("--curve-every", type=int, default=2500)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads; 0 = choose 1 or 2 by the machine's load as training goes")
     part = ap.add_mutually_exclusive_group()
@@ -216,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     world = WorldConfig()
     if not args.judge_only:
         train_world(args.out, world, WorldTrainConfig(steps=args.steps, seed=args.seed, batch_size=args.batch_size),
-                    auto_threads=not args.threads)
+                    auto_threads=not args.threads, curve=args.curve, curve_every=args.curve_every)
     if not args.world_only:
         train_and_save_judge(args.out, world, JudgeTrainConfig(steps=args.judge_steps, seed=args.seed + 1))
 
