@@ -128,6 +128,22 @@ TRAIN_INPUTS = ("model", "clip", "vae", "init", "name", "method", "steps", "lear
                 "if_exists", "images", "masks", "dataset", "profile", "options")
 
 
+def cancel_at_step(monkeypatch, step: int) -> None:
+    """Press ComfyUI's Cancel when a training run reports ``step`` (through the pack's TrainReporter);
+    ComfyUI must be booted and the pack imported."""
+    import comfy.model_management
+
+    comfy_run = importlib.import_module(f"{PACK_MODULE}.nodes.comfy_run")
+    call = comfy_run.TrainReporter.__call__
+
+    def cancel(self, info):
+        if info.step == step:
+            comfy.model_management.interrupt_current_processing(True)
+        return call(self, info)
+
+    monkeypatch.setattr(comfy_run.TrainReporter, "__call__", cancel)
+
+
 def training_options(**widgets):
     """The pack's ``TrainingOptions`` made by its Training Options node from widget values by name (the
     node's defaults for the rest), so tests exercise the node as a graph would."""

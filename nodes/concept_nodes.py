@@ -44,8 +44,9 @@ def concept_list(concepts: Any) -> list[ConceptInput]:
     return list(concepts)
 
 
-def make_concept(name: str, init: Any, images: Any = None, masks: Any = None, dataset: Any = None) -> ConceptInput:
-    """A checked ``ConceptInput``: a valid name, Caption Init's vectors, and images or a dataset."""
+def check_concept_wiring(init: Any, images: Any = None, dataset: Any = None) -> None:
+    """What a concept needs wired: Caption Init's vectors, and Load Concept Images' images or dataset
+    (the trainer's own concept and each Add Concept share these errors)."""
     from ..inversion.dataset import ConceptImages
 
     if not isinstance(init, LearnedEmbedding):
@@ -55,6 +56,11 @@ def make_concept(name: str, init: Any, images: Any = None, masks: Any = None, da
                          "or its images output")
     if dataset is not None and not isinstance(dataset, ConceptImages):
         raise TypeError("dataset: connect the 'dataset' output of a Load Concept Images node")
+
+
+def make_concept(name: str, init: Any, images: Any = None, masks: Any = None, dataset: Any = None) -> ConceptInput:
+    """A checked ``ConceptInput``: a valid name, Caption Init's vectors, and images or a dataset."""
+    check_concept_wiring(init, images, dataset)
     try:
         name = validate_name(name.strip())
     except ValueError as e:

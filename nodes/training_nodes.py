@@ -32,7 +32,7 @@ from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_ho
                          with_compute_dtype)
 from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
-from .concept_nodes import ConceptInput, concept_list
+from .concept_nodes import ConceptInput, check_concept_wiring, concept_list
 from .run_files import IF_EXISTS, RunFiles, RunGroup, migrate_side_files
 from .types import ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
 
@@ -56,15 +56,7 @@ def concept_data(model, clip, vae, init, name: str, *, images=None, masks=None, 
 
     ``dataset`` (Load Concept Images' dataset output, an ``inversion.dataset.ConceptImages``) wins over
     ``images``/``masks`` and brings the per-image captions and the aspect buckets."""
-    from ..inversion.dataset import ConceptImages
-
-    if not isinstance(init, LearnedEmbedding):
-        raise TypeError("init: connect the 'init' output of a Caption Init node")
-    if dataset is None and images is None:
-        raise ValueError("images / dataset: connect Load Concept Images' dataset output (captions, aspect "
-                         "buckets) or its images output")
-    if dataset is not None and not isinstance(dataset, ConceptImages):
-        raise TypeError("dataset: connect the 'dataset' output of a Load Concept Images node")
+    check_concept_wiring(init, images, dataset)
     check_embedding_fits(clip, init, "init")
     name = validate_name(name)
     emb = LearnedEmbedding(name, {k: v.detach().float().cpu() for k, v in init.vectors.items()}, f"<{name}>",

@@ -58,20 +58,6 @@ def _files(comfyui, *names: str) -> list[Path]:
     return [Path(comfyui.embeddings_dir) / f"{n}.safetensors" for n in names]
 
 
-def _cancel_at(comfyui, monkeypatch, step: int) -> None:
-    import comfy.model_management
-
-    comfy_run = comfyui.mod("nodes.comfy_run")
-    call = comfy_run.TrainReporter.__call__
-
-    def cancel(self, info):
-        if info.step == step:
-            comfy.model_management.interrupt_current_processing(True)
-        return call(self, info)
-
-    monkeypatch.setattr(comfy_run.TrainReporter, "__call__", cancel)
-
-
 def _mean_norm(vectors: dict[str, torch.Tensor]) -> float:
     norms = [float(n) for v in vectors.values() for n in v.float().norm(dim=-1)]
     return sum(norms) / len(norms)
@@ -143,7 +129,7 @@ def test_cancel_leaves_every_existing_file_byte_identical_and_resume_finishes_ex
     before = [f.read_bytes() for f in files]
 
     with pytest.MonkeyPatch.context() as mp:
-        _cancel_at(comfyui, mp, 2)
+        harness.cancel_at_step(mp, 2)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             _train(comfyui, sd2, "keep-a", _add(comfyui, sd2.clip, "keep-b"), seed=5)
     assert [f.read_bytes() for f in files] == before

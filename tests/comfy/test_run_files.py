@@ -50,20 +50,6 @@ def _train(comfyui, sd2, name, *, steps=STEPS, if_exists="overwrite", lr=0.0, ch
         checkpoint_every=checkpoint_every))
 
 
-def _cancel_at(comfyui, monkeypatch, step):
-    import comfy.model_management
-
-    comfy_run = comfyui.mod("nodes.comfy_run")
-    call = comfy_run.TrainReporter.__call__
-
-    def cancel(self, info):
-        if info.step == step:
-            comfy.model_management.interrupt_current_processing(True)
-        return call(self, info)
-
-    monkeypatch.setattr(comfy_run.TrainReporter, "__call__", cancel)
-
-
 def _paths(comfyui, name):
     run_dir = comfyui.mod("nodes.run_files").runs_dir() / name  # models/inversion_runs of the booted ComfyUI
     assert run_dir.parent.name == "inversion_runs" and run_dir.parent.parent.name == "models"
@@ -80,7 +66,7 @@ def test_cancel_in_an_overwrite_run_keeps_the_existing_file_and_resume_finishes_
     assert formats.load_embedding(path).metadata["steps"] == "6"
 
     with pytest.MonkeyPatch.context() as mp:
-        _cancel_at(comfyui, mp, 1)  # the probe's case: Cancel as soon as the node starts
+        harness.cancel_at_step(mp, 1)  # the probe's case: Cancel as soon as the node starts
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             _train(comfyui, sd2, "kept-concept", steps=STEPS, seed=5)
     assert path.read_bytes() == before
