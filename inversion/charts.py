@@ -51,6 +51,8 @@ BAND = (250, 215, 170)
 WINDOW = (255, 236, 150)
 SCORE = (0, 140, 120)  # the deterministic score (score.py): smooth, so a strong colour
 STOP = (200, 40, 40)
+CLIP_IMAGE = (30, 150, 60)  # CLIP similarity of previews to the concept images (clip_score.py)
+CLIP_TEXT = (205, 50, 150)  # ... and of the edit previews to their prompts
 # One per concept of a multi-concept run, in order (cycled beyond six).
 CONCEPT_COLORS = ((214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75))
 
@@ -256,6 +258,13 @@ class _Axes:
             self.draw.rectangle([x0 + 1, self.py(min(h, self.ylim[1])), max(x0 + 1, x1 - 1), self.py(self.ylim[0])],
                                 fill=color)
 
+    def points(self, xs: Sequence[float], ys: Sequence[float], color, radius: int = 3) -> None:
+        """A dot at each finite point (a series of one point has no line to show)."""
+        for x, y in zip(xs, ys):
+            if math.isfinite(x) and math.isfinite(y):
+                px, py = self.px(x), self.py(min(max(y, self.ylim[0]), self.ylim[1]))
+                self.draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=color)
+
     def legend(self, items: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
         """A one-line key above the panel's right end (outside the plot, so it hides no data)."""
         _, top, right, _ = self.box
@@ -318,7 +327,8 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     ``bin_edges`` and ``g_estimate`` (adaptive sampler), ``vector_norm`` (per step) and
     ``target_norm`` (DTI's m*), ``method``; ``score_step`` / ``score`` (the deterministic score,
     ``score.py``), drawn on the loss panel with the best step (``best_step``, else the lowest score)
-    marked, and ``stop_step`` where early stop fired; ``concepts`` with ``concept_loss`` and
+    marked, and ``stop_step`` where early stop fired; ``clip_step`` / ``clip_image`` / ``clip_text``
+    (previews scored with CLIP, ``clip_score.py``): a panel of their own; ``concepts`` with ``concept_loss`` and
     ``concept_vector_norm`` (several concepts): a smoothed loss and a norm curve per concept.
     ``smoothing`` is the EMA factor; by default it
     grows with the run length (0.6 for a few steps up to 0.98), so short and long runs both read well.
@@ -350,6 +360,9 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
     if h.get("best_step") is not None and h.get("best_score") is not None:
         best = (int(h["best_step"]), float(h["best_score"]))
     stop_step = h.get("stop_step")
+    clip_steps = _floats(h.get("clip_step"))
+    clip_image = _floats(h.get("clip_image"))[: len(clip_steps)]
+    clip_text = _floats(h.get("clip_text"))[: len(clip_steps)]
 
     img, d = _canvas(width, height, "loss chart")
     method = str(h.get("method") or "").strip()
@@ -395,7 +408,8 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
                    anchor="ra" if right else "la")
         ax.legend(keys)
 
-    panels = ["hist"] + (["g"] if g_est is not None else []) + (["norm"] if _finite(vnorm) else [])
+    panels = ["hist"] + (["g"] if g_est is not None else []) + (["norm"] if _finite(vnorm) else []) + \
+        (["clip"] if _finite(clip_image + clip_text) else [])
     bottom_top, bottom_bottom = top_box[3] + 62, height - 40
     pw = (width - ml - mr - gap * (len(panels) - 1)) // len(panels)
     for i, kind in enumerate(panels):
@@ -414,6 +428,18 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
             ax = _Axes(d, box, (0.0, float(T)), _limits(g_est, floor=0.0))
             ax.frame("adaptive sampler: g(t) per bin", "t", xint=True)
             ax.bars(edges, g_est, GEST)
+        elif kind == "clip":
+            xs = _finite(clip_steps)
+            ax = _Axes(d, box, (min(xs), max(xs)) if len(xs) > 1 else (xs[0] - 1, xs[0] + 1),
+                       _limits(clip_image + clip_text))
+            ax.frame("CLIP similarity of previews", "step", xint=True)
+            keys = []
+            for values, color, name in ((clip_image, CLIP_IMAGE, "image"), (clip_text, CLIP_TEXT, "text")):
+                if _finite(values):
+                    ax.line(clip_steps[: len(values)], values, color, width=2)
+                    ax.points(clip_steps[: len(values)], values, color)
+                    keys.append((name, color))
+            ax.legend(keys)
         else:
             vs = steps[: len(vnorm)]
             every = [x for _, values in concept_norm for x in values]

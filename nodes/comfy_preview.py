@@ -9,7 +9,9 @@ does. The vectors enter the prompts as Apply Learned Embedding puts them there
 run's own CLIP object, whose patcher training has loaded (loading the clone's patcher would
 displace it). Each row goes to the node as ComfyUI's progress preview image (the frontend draws it
 on the node while the run goes on); the rows are the trainer's ``previews`` IMAGE, one row per
-preview step and one column per prompt.
+preview step and one column per prompt. With an open_clip model picked, each row is also scored
+(``inversion.clip_score``: CLIP image similarity to the concept images, text similarity to the edits),
+sent to the live chart as a ``preview_score`` event and added to the final chart.
 
 What a preview touches, and how it is put back (sampling after the run must be bit-identical, and
 the run must learn exactly the vectors it learns without previews):
@@ -42,12 +44,16 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
+from ..inversion.clip_score import ClipPreviewScorer, PreviewClipScore
 from ..inversion.embedding import LearnedEmbedding
 from ..inversion.prompts import CAPTION_MARKERS
 from .comfy_attention import OVERRIDE_KEY
 from .comfy_embed import clip_with_embedding
 from .comfy_host import thaw
-from .comfy_run import check_cancel
+from .comfy_run import check_cancel, send_event
+from .downloads import NONE, fetch
+from .folders import OPEN_CLIP
+from .model_cache import load_open_clip, on_compute_device
 
 __all__ = ["PreviewSettings", "TrainingPreviews", "MAX_ROWS", "MAX_PROMPTS", "TRIGGER", "previews_off"]
 
@@ -79,6 +85,9 @@ class PreviewSettings:
     cfg: float = 7.0
     width: int = 512
     height: int = 512
+    # An open_clip model (Caption Init's class-mode list) scores each preview row: CLIP image similarity to
+    # the concept images and text similarity to the edit prompts (``inversion.clip_score``); "none" = off.
+    open_clip_model: str = NONE
 
     def prompt_list(self) -> list[str]:
         """The non-empty lines of ``prompts``, stripped."""
@@ -138,6 +147,16 @@ class PreviewSettings:
         return " ".join(prompt.split())
 
 
+def _scorer(settings: PreviewSettings, images, masks, node_id: str | None) -> ClipPreviewScorer:
+    """The CLIP scorer of a run's previews: the open_clip model loaded, the concept images and prompts encoded."""
+    try:
+        oc = load_open_clip(fetch(OPEN_CLIP, settings.open_clip_model, node_id))
+    except (ValueError, ImportError) as e:
+        raise type(e)(f"previews: open_clip_model: {e} (or set it to none: no CLIP scores)") from e
+    with torch.inference_mode(False), torch.no_grad(), on_compute_device(oc.model, oc):
+        return ClipPreviewScorer(oc, images, settings.prompt_list(), masks)
+
+
 def previews_off() -> torch.Tensor:
     """The ``previews`` output of a run without previews: one small black image (nothing is sampled)."""
     return torch.zeros(1, OFF_SIZE, OFF_SIZE, 3)
@@ -190,8 +209,13 @@ def _rng_kept() -> contextlib.AbstractContextManager:
 class TrainingPreviews:
     """The previews of one training run: renders a row when due and keeps the rows for the grid."""
 
-    def __init__(self, settings: PreviewSettings, model, clip, vae, node_id: str | None = None):
-        """Before the run (``model.model_options`` is read here, before the training's attention override)."""
+    def __init__(self, settings: PreviewSettings, model, clip, vae, node_id: str | None = None,
+                 concept_images: torch.Tensor | list[torch.Tensor] | None = None, concept_masks=None):
+        """Before the run (``model.model_options`` is read here, before the training's attention override).
+
+        With ``settings.open_clip_model`` set, the open_clip model is loaded (fetched on its first run when
+        a "(download)" entry is picked) and the ``concept_images`` ([N, 3, H, W] or N [3, H_i, W_i] in [0, 1],
+        cropped to ``concept_masks`` when given) and prompts are encoded here, once."""
         if not isinstance(settings, PreviewSettings):
             raise TypeError("previews: connect the 'previews' output of a Preview Options node")
         if vae is None or getattr(vae, "first_stage_model", None) is None:
@@ -203,6 +227,9 @@ class TrainingPreviews:
         self.bar: comfy.utils.ProgressBar | None = None
         self.rows: list[torch.Tensor] = []
         self.steps: list[int] = []
+        self.scores: list[tuple[int, PreviewClipScore]] = []
+        self.scorer = None if settings.open_clip_model in (NONE, "") else \
+            _scorer(settings, concept_images, concept_masks, node_id)
 
     def after_steps(self, trainer, callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``callback`` (the run's reporter) followed, when due, by a preview of ``trainer``'s vectors.
@@ -230,7 +257,29 @@ class TrainingPreviews:
         self.steps.append(int(step))
         if self.bar is not None:
             self.bar.update_absolute(step, total, ("JPEG", _pil(row), _preview_size()))
+        if self.scorer is not None:
+            self.score(images, int(step))
         return row
+
+    def score(self, images: list[torch.Tensor], step: int) -> PreviewClipScore:
+        """The row's CLIP similarities (``inversion.clip_score``): kept, and sent to the live chart."""
+        oc = self.scorer.clip
+        with torch.inference_mode(False), torch.no_grad(), _rng_kept(), on_compute_device(oc.model, oc):
+            result = self.scorer([img[0].movedim(-1, 0) for img in images])
+        self.scores.append((step, result))
+        send_event(self.node_id, {"kind": "preview_score", "step": step, "clip_image": result.image,
+                                  "clip_text": result.text})
+        return result
+
+    def chart_fields(self) -> dict[str, Any]:
+        """The CLIP similarities for the final chart (``inversion.charts.loss_chart``); {} when not scored."""
+        if self.scorer is None:
+            return {}
+        return {"clip_step": [s for s, _ in self.scores], "clip_image": [r.image for _, r in self.scores],
+                "clip_text": [r.text for _, r in self.scores], "clip_model": self.settings.open_clip_model,
+                "clip_prompts": list(self.scorer.prompts),
+                "clip_prompt_image": [list(r.per_prompt_image) for _, r in self.scores],
+                "clip_prompt_text": [list(r.per_prompt_text) for _, r in self.scores]}
 
     def images(self, embedding: LearnedEmbedding) -> list[torch.Tensor]:
         """An image [1, H, W, 3] per prompt, with every piece of state the run depends on put back."""

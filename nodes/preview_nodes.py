@@ -11,6 +11,8 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from .comfy_preview import MAX_PROMPTS, MAX_ROWS, PreviewSettings
+from .downloads import download_sizes, open_clip_names
+from .folders import OPEN_CLIP
 from .types import PreviewsType
 
 __all__ = ["NODES", "PreviewOptionsNode"]
@@ -56,6 +58,14 @@ class PreviewOptionsNode(io.ComfyNode):
                              tooltip="Preview width in pixels (smaller = cheaper)."),
                 io.Int.Input("height", default=_D.height, min=64, max=4096, step=8,
                              tooltip="Preview height in pixels."),
+                io.Combo.Input("open_clip_model", options=open_clip_names(), default=_D.open_clip_model,
+                               tooltip="Score each preview row with this open_clip model (the list of Caption "
+                               "Init's class mode): CLIP image similarity of the first prompt's image to the "
+                               "concept images, and text similarity of the other prompts' images to their prompt "
+                               "without the concept (Textual Inversion's two metrics), drawn on the chart. One "
+                               "seed, so one sample per prompt: read the trend. none = no scores, nothing loaded. "
+                               "A '(download)' entry is fetched into models/open_clip on its first run ("
+                               + download_sizes(OPEN_CLIP) + ")."),
             ],
             outputs=[PreviewsType.Output("previews", display_name="previews",
                                          tooltip="Wire into Train Textual Inversion's previews input.")],
@@ -63,10 +73,10 @@ class PreviewOptionsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, every, prompts, negative, seed, sampler_name, scheduler, steps, cfg, width,
-                height) -> io.NodeOutput:
+                height, open_clip_model=_D.open_clip_model) -> io.NodeOutput:
         settings = PreviewSettings(every=every, prompts=prompts, negative=negative, seed=seed,
                                    sampler_name=sampler_name, scheduler=scheduler, steps=steps, cfg=cfg, width=width,
-                                   height=height)
+                                   height=height, open_clip_model=open_clip_model)
         return io.NodeOutput(settings.validate())  # a bad prompt is an error here, at the node that holds it
 
 

@@ -50,6 +50,30 @@ def node_id(cls) -> str | None:
     return None if cls.hidden is None else cls.hidden.unique_id
 
 
+def concept_pixels(images=None, masks=None, dataset=None):
+    """A concept's pixels in [0, 1] and masks as the library takes them: (N tensors [3, H_i, W_i], N masks
+    or None) from a ``dataset`` (it wins), else ([N, 3, H, W], [N, H, W] resized to the images, or None).
+    An all-ones mask (Load Concept Images without masks) is no mask."""
+    if dataset is not None:  # per-image tensors of any bucket, with their masks
+        pixels = [img[:3].float().cpu() for img in dataset.images]
+        m = None if dataset.masks is None else [x.float().cpu() for x in dataset.masks]
+        if m is not None and all(bool((x >= 0.999).all()) for x in m):
+            m = None
+        return pixels, m
+    pixels = images.movedim(-1, 1)[:, :3].float().cpu()
+    if masks is None:
+        return pixels, None
+    m = masks.float().cpu()
+    m = m[None] if m.ndim == 2 else m
+    if m.shape[0] == 1 and pixels.shape[0] > 1:
+        m = m.expand(pixels.shape[0], -1, -1)
+    if bool((m >= 0.999).all()):
+        return pixels, None
+    if tuple(m.shape[-2:]) != tuple(pixels.shape[-2:]):
+        m = torch.nn.functional.interpolate(m[:, None], size=pixels.shape[-2:], mode="bilinear")[:, 0]
+    return pixels, m
+
+
 def concept_data(model, clip, vae, init, name: str, *, images=None, masks=None, dataset=None,
                  flip: bool = True) -> ConceptData:
     """The concept (initial vectors named ``name``) and its latents, encoded once with the VAE.
@@ -61,27 +85,9 @@ def concept_data(model, clip, vae, init, name: str, *, images=None, masks=None, 
     name = validate_name(name)
     emb = LearnedEmbedding(name, {k: v.detach().float().cpu() for k, v in init.vectors.items()}, f"<{name}>",
                            dict(init.metadata))
-    captions = None
-    if dataset is not None:  # per-image tensors of any bucket, with their masks and captions
-        pixels = [img[:3].float().cpu() for img in dataset.images]
-        sizes = dataset.sizes()
-        m = None if dataset.masks is None else [x.float().cpu() for x in dataset.masks]
-        if m is not None and all(bool((x >= 0.999).all()) for x in m):
-            m = None  # all ones is no mask
-        captions = dataset.captions_for(emb.placeholder)
-    else:
-        pixels = images.movedim(-1, 1)[:, :3].float().cpu()
-        sizes = [tuple(pixels.shape[-2:])]
-        m = None
-        if masks is not None:
-            m = masks.float().cpu()
-            m = m[None] if m.ndim == 2 else m
-            if m.shape[0] == 1 and pixels.shape[0] > 1:
-                m = m.expand(pixels.shape[0], -1, -1)
-            if bool((m >= 0.999).all()):
-                m = None  # an all-ones mask (Load Concept Images without masks) is no mask
-            elif tuple(m.shape[-2:]) != tuple(pixels.shape[-2:]):
-                m = torch.nn.functional.interpolate(m[:, None], size=pixels.shape[-2:], mode="bilinear")[:, 0]
+    pixels, m = concept_pixels(images, masks, dataset)
+    sizes = dataset.sizes() if dataset is not None else [tuple(pixels.shape[-2:])]
+    captions = None if dataset is None else dataset.captions_for(emb.placeholder)
     # Buckets of a small size have sides below 64 (about size/sqrt(2)); the VAE needs multiples of 8.
     least = 32 if dataset is not None else 64
     bad = sorted({f"{w}x{h}" for h, w in sizes if h < least or w < least or h % 8 or w % 8})
@@ -287,7 +293,9 @@ class TrainTextualInversion(io.ComfyNode):
         metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
                     "trainer": "ComfyUI-Inversion", **({"concepts": ",".join(names)} if names else {})}
         model = with_compute_dtype(model, opts.precision)  # "auto": the model as loaded
-        shown = None if previews is None else TrainingPreviews(previews, model, clip, vae, node)  # before the run
+        own = specs[0]  # previews show (and CLIP scores compare with) this node's own concept
+        shown = None if previews is None else TrainingPreviews(  # before the run
+            previews, model, clip, vae, node, *concept_pixels(own.images, own.masks, own.dataset))
         with training_host(model, clip) as host, _memory(model, opts):
             autocast_dtype, loss_scale = training_precision(host, opts.precision)
             config = _config(opts, steps=steps, batch_size=batch_size * len(data), seed=seed,
@@ -304,6 +312,8 @@ class TrainTextualInversion(io.ComfyNode):
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
                                   total=steps, last_info=reporter.last, stop_step=result.stop_step,
                                   stop_reason=result.stop_reason, concepts=names)
+        if shown is not None:
+            payload.update(shown.chart_fields())
         chart = charts.loss_chart(payload)[None]
         grid = previews_off() if shown is None else shown.grid()
         return io.NodeOutput(result.embedding, chart, str(written[0]), grid, "\n".join(str(p) for p in written),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +135,26 @@ def test_adaptive_and_dti_panels_appear_only_with_their_data():
     assert _mask(dti, charts.TARGET).any() and _mask(dti, charts.NORM).any()
 
 
+def test_clip_panel_appears_only_with_scores_and_follows_them():
+    base = _history([1.0, 0.9, 0.8, 0.7])
+    plain = loss_chart(base, width=800, height=520)
+    assert not _mask(plain, charts.CLIP_IMAGE).any() and not _mask(plain, charts.CLIP_TEXT).any()
+    # image similarity rises over the preview steps, text similarity falls; a missing text value is a gap
+    scored = loss_chart(dict(base, clip_step=[2, 3, 4], clip_image=[0.5, 0.6, 0.7], clip_text=[0.3, None, 0.2]),
+                        width=800, height=520)
+    img, txt = _mask(scored, charts.CLIP_IMAGE), _mask(scored, charts.CLIP_TEXT)
+    assert img.sum() > 50 and txt.sum() > 20
+    lo, hi = _axis_span(scored, below=0.6)
+    panel_top = int(520 * 0.56) + 62 + 3  # below the bottom panels' top edge (their keys sit above it)
+    bottom = img.copy()
+    bottom[:panel_top] = False
+    cols = _cols(bottom)
+    assert cols.min() > lo + 0.5 * (hi - lo)  # the last of two bottom panels: the right half
+    left, right = int(cols.min()), int(cols.max())
+    third = (right - left) // 3
+    assert _ys(bottom, left, left + third) > _ys(bottom, right - third, right + 1)  # rising = higher on the right
+
+
 def test_nan_losses_do_not_break_the_chart():
     img = loss_chart(_history([1.0, float("nan"), None, 0.5, float("inf"), 0.4]))
     _check_image(img, 512, 768)
@@ -243,3 +267,28 @@ def test_curves_chart_draws_every_series_and_checks_lengths():
     assert PALETTE[0] in pixels and PALETTE[1] in pixels  # both curves (and their legend swatches)
     with pytest.raises(ValueError, match="'b' has 2 values for 3"):
         curves_chart({"a": [1, 2, 3], "b": [1, 2]}, [0, 1, 2])
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_js_chart_folds_preview_scores_into_the_running_chart(tmp_path):
+    """web/js/inversion/chart_math.js: live preview_score events join the run's data, as the output does."""
+    root = Path(__file__).resolve().parent.parent
+    events = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]
+    events.insert(2, {"kind": "preview_score", "step": 2, "clip_image": 0.5, "clip_text": None})
+    events.append({"kind": "preview_score", "step": 4, "clip_image": 0.6, "clip_text": 0.25})
+    output = {"kind": "train", "step": [1, 2, 3, 4], "loss": [1.0, 0.5, 0.33, 0.25], "clip_step": [2, 4],
+              "clip_image": [0.5, 0.6], "clip_text": [None, 0.25]}
+    script = tmp_path / "probe.mjs"
+    script.write_text(
+        f'import * as m from {json.dumps((root / "web/js/inversion/chart_math.js").as_uri())};\n'
+        "let d = null;\n"
+        f"for (const e of {json.dumps(events)}) d = e.kind === 'train' ? m.appendTrain(d, e) "
+        ": m.appendPreviewScore(d, e);\n"
+        f"const o = m.fromOutput({json.dumps(output)});\n"
+        "const fix = (v) => v.map((x) => (Number.isFinite(x) ? x : null));\n"
+        "const pick = (x) => [fix(x.clip_step), fix(x.clip_image), fix(x.clip_text)];\n"
+        "console.log(JSON.stringify([pick(d), pick(o), m.appendPreviewScore(null, {step: 1}), m.summary(d).clip_steps]));\n")
+    live, final, orphan, steps = json.loads(
+        subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout)
+    assert live == final == [[2, 4], [0.5, 0.6], [None, 0.25]]
+    assert orphan is None and steps == [2, 4]

@@ -265,6 +265,23 @@ shows whether it still combines with other words. **negative**, **seed**, **samp
 **steps**, **cfg**, **width** and **height** mean what they mean on KSampler; every image uses the
 same seed, so two rows differ only by training.
 
+## CLIP scores
+
+Pick an **open_clip_model** (the list of Caption Init's class mode; a "(download)" entry is fetched
+into models/open_clip on its first run) and each preview row is scored with Textual Inversion's two
+metrics (Gal et al. 2022, Sec. 4.3), drawn as their own panel on the trainer's chart, live and in
+its chart output:
+
+- **image**: the mean CLIP cosine between the first prompt's image (the concept in a template) and
+  the concept images (cropped to their masks when they have one). Higher: it looks more like them.
+- **text**: the mean CLIP cosine between each other prompt's image (the edits) and that prompt with
+  the concept left out ("a painting of on the beach"). Higher: the edit is followed. With one prompt,
+  both are measured on it.
+
+Every row uses one seed, so each value is one sample: it follows the vectors faithfully from row to
+row, but read the trend, not the third decimal. Which step is best stays the deterministic score's
+choice (Training Options' score_every). **none** loads nothing and scores nothing.
+
 ## Cost, and what it leaves unchanged
 
 Each preview is one KSampler run of **steps** steps per prompt plus a VAE decode; fewer steps and a

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -134,6 +136,54 @@ def test_an_early_stop_previews_the_step_it_stops_at(comfyui, sd2, monkeypatch, 
     out = harness.run_node(nodes["TrainTextualInversion"], previews=_previews(comfyui, every=4), **inputs)
     assert out.ui["inversion_chart"][0]["stop_step"] == 5
     assert [v for v, *_ in shown] == [4, 5] and tuple(out.args[3].shape) == (1, 2 * 64, 2 * 64, 3)
+
+
+def test_clip_scores_of_each_row_reach_the_chart(comfyui, sd2, shown, monkeypatch):
+    """With an open_clip model, each preview row is scored (image similarity of the first prompt's image to
+    the concept images, text similarity of the edit's image to its prompt without the concept), the values
+    go to the live chart as they come and into the final chart; the vectors are those of a run without."""
+    from open_clip_env import import_open_clip
+    from vl_models import make_open_clip
+
+    folders, classify = comfyui.mod("nodes.folders"), comfyui.mod("inversion.classify")
+    preview, run = comfyui.mod("nodes.comfy_preview"), comfyui.mod("nodes.comfy_run")
+    make_open_clip(import_open_clip(), os.path.join(folders.model_dirs(folders.OPEN_CLIP)[0], "tiny-oc-prev"))
+    events = []
+    monkeypatch.setattr(preview, "send_event", lambda node, payload: events.append(payload))
+    monkeypatch.setattr(run, "send_event", lambda node, payload: None)
+
+    torch.manual_seed(7)
+    plain = _train(comfyui, sd2, "prev-clip-off", steps=4, previews=_previews(comfyui, every=2))
+    torch.manual_seed(7)
+    out = _train(comfyui, sd2, "prev-clip", steps=4, previews=_previews(comfyui, every=2,
+                                                                           open_clip_model="tiny-oc-prev"))
+    assert torch.equal(out.args[0].vectors["clip_h"], plain.args[0].vectors["clip_h"])
+    assert torch.equal(out.args[3], plain.args[3])  # the same previews
+    chart = out.ui["inversion_chart"][0]
+    assert chart["clip_step"] == [2, 4] and chart["clip_model"] == "tiny-oc-prev"
+    assert [e["step"] for e in events] == [2, 4] and all(e["kind"] == "preview_score" for e in events)
+    assert [e["clip_image"] for e in events] == chart["clip_image"]
+    assert "clip_step" not in plain.ui["inversion_chart"][0]
+
+    # the values are the paper's metrics of the grid's images, against the concept images
+    oc = classify.load_open_clip("tiny-oc-prev", folders.model_dirs(folders.OPEN_CLIP))
+    rows = out.args[3][0].reshape(2, 64, 2, 64, 3).permute(0, 2, 4, 1, 3)  # [row, prompt, 3, H, W]
+    concept = _images().movedim(-1, 1)
+    for r in range(2):
+        img = oc.encode_images(list(rows[r]))
+        image = float((img[0] @ oc.encode_images(concept).T).mean())
+        text = float(img[1] @ oc.encode_texts(["a painting of on the beach"])[0])
+        assert chart["clip_image"][r] == pytest.approx(image, abs=1e-4)
+        assert chart["clip_text"][r] == pytest.approx(text, abs=1e-4)
+    drawn = comfyui.mod("inversion.charts").loss_chart(chart)
+    assert drawn.shape[-1] == 3  # the chart draws the CLIP panel without error
+
+
+def test_an_unknown_clip_model_is_refused_before_training(comfyui, sd2):
+    settings = _previews(comfyui, open_clip_model="no-such-model")
+    with pytest.raises(ValueError, match=r"previews: open_clip_model: (no open_clip model found|open_clip model "
+                       r"'no-such-model' not found).*or set it to none"):
+        _train(comfyui, sd2, "prev-clip-bad", steps=2, previews=settings)
 
 
 def test_previews_off_runs_no_preview_code(comfyui, sd2, monkeypatch, shown):

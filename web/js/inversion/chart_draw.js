@@ -2,8 +2,8 @@
 //
 // `drawChart(ctx, w, h, data, nodeType)` paints one chart in CSS pixels (the caller sets the
 // pixel-ratio transform): the loss curve (raw and EMA), the timesteps sampled, the adaptive
-// sampler's g(t) estimate and the vector norm for a training run; g(t) with its +-std band and the
-// high-grad window for a profile. The data is chart_math.js's.
+// sampler's g(t) estimate, the vector norm and the previews' CLIP similarities for a training run;
+// g(t) with its +-std band and the high-grad window for a profile. The data is chart_math.js's.
 //
 // The frontend imports every .js under web/, this module too: it only exports.
 
@@ -25,6 +25,8 @@ export const COLORS = {
   norm: "#b07ad8",
   target: "#e25555",
   score: "#3fc6a8",
+  clipImage: "#4cc26a",
+  clipText: "#e060b0",
 };
 
 // One per concept of a multi-concept run, in order (cycled): inversion/charts.py CONCEPT_COLORS.
@@ -255,7 +257,10 @@ export function drawTrain(ctx, w, h, d) {
   const T = d.num_timesteps || 1000;
   const hasG = Array.isArray(d.g_estimate) && d.g_estimate.some(finite);
   const hasNorm = d.vector_norm.some(finite);
-  const panels = ["hist", ...(hasG ? ["g"] : []), ...(hasNorm ? ["norm"] : [])];
+  const clipImage = d.clip_image ?? [];
+  const clipText = d.clip_text ?? [];
+  const hasClip = clipImage.some(finite) || clipText.some(finite);
+  const panels = ["hist", ...(hasG ? ["g"] : []), ...(hasNorm ? ["norm"] : []), ...(hasClip ? ["clip"] : [])];
   const pt = split + 40;
   const pb = h - 18;
   if (pb - pt < 30) return;
@@ -276,6 +281,17 @@ export function drawTrain(ctx, w, h, d) {
       const ax = new Axes(ctx, box, [0, T], limits(g, 0));
       ax.frame("adaptive g(t)", { xint: true });
       ax.bars(edges, g, COLORS.gest);
+    } else if (kind === "clip") {
+      const [c0, c1] = minmax(d.clip_step);
+      const ax = new Axes(ctx, box, c0 === c1 ? [c0 - 1, c1 + 1] : [c0, c1], limits(clipImage.concat(clipText)));
+      ax.frame("CLIP similarity of previews", { xint: true });
+      const keys = [];
+      [[clipImage, COLORS.clipImage, "image"], [clipText, COLORS.clipText, "text"]].forEach(([values, color, name]) => {
+        if (!values.some(finite)) return;
+        ax.line(d.clip_step.slice(0, values.length), values, color, 2);
+        keys.push([name, color]);
+      });
+      ax.legend(keys);
     } else {
       const perConcept = conceptSeries(d, "concept_vector_norm");
       const vals = d.vector_norm.concat(finite(d.target_norm) ? [d.target_norm] : [], ...perConcept.map(([, v]) => v));

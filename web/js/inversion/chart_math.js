@@ -34,6 +34,7 @@ function emptyTrain() {
     g_estimate: null, bin_edges: null, target_norm: null, num_timesteps: 1000, method: "", total: 0,
     score_step: [], score: [], best_step: null, best_score: null, stop_step: null,
     concepts: [], concept_loss: [], concept_vector_norm: [],
+    clip_step: [], clip_image: [], clip_text: [],
   };
 }
 
@@ -76,6 +77,9 @@ export function fromOutput(d) {
   out.concepts = Array.isArray(d.concepts) ? d.concepts.map(String) : [];
   out.concept_loss = rowsOf(d.concept_loss);
   out.concept_vector_norm = rowsOf(d.concept_vector_norm);
+  out.clip_step = (d.clip_step ?? []).map(num);
+  out.clip_image = (d.clip_image ?? []).map(num).slice(0, out.clip_step.length);
+  out.clip_text = (d.clip_text ?? []).map(num).slice(0, out.clip_step.length);
   out.final = true;
   return out;
 }
@@ -127,6 +131,16 @@ export function appendTrain(data, e) {
   return data;
 }
 
+/** Fold one live `kind: "preview_score"` event (a preview row's CLIP similarities, nodes/comfy_preview.py)
+ * into the running data of the same run; an event without a run to join is dropped. */
+export function appendPreviewScore(data, e) {
+  if (!data || data.kind !== "train" || data.final) return data;
+  data.clip_step.push(num(e.step));
+  data.clip_image.push(num(e.clip_image));
+  data.clip_text.push(num(e.clip_text));
+  return data;
+}
+
 /** [step, score] of the lowest finite score, the earliest on a tie (inversion/score.py best_step); [null, null] if none. */
 export function bestScore(steps, scores) {
   let best = [null, null];
@@ -149,7 +163,8 @@ export function summary(data) {
   return data.kind === "profile"
     ? { kind: "profile", bins: data.mean.length, measured: data.mean.filter(finite).length }
     : { kind: "train", steps: data.step.slice(), last_loss: data.loss[data.loss.length - 1] ?? null,
-      concepts: (data.concepts ?? []).slice(), concept_norm_steps: (data.concept_vector_norm ?? []).length };
+      concepts: (data.concepts ?? []).slice(), concept_norm_steps: (data.concept_vector_norm ?? []).length,
+      clip_steps: (data.clip_step ?? []).slice() };
 }
 
 /** Debiased EMA (the same as inversion/charts.py:ema): non-finite values are skipped. */

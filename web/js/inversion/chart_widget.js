@@ -10,7 +10,7 @@
 // The frontend imports every .js under web/, this module too: it only exports (window.comfyAPI is
 // read here, nothing is called or registered).
 
-import { appendTrain, chartOf, fromProfile, summary } from "./chart_math.js";
+import { appendPreviewScore, appendTrain, chartOf, fromProfile, summary } from "./chart_math.js";
 import { drawChart } from "./chart_draw.js";
 
 const { app } = window.comfyAPI.app;
@@ -169,7 +169,8 @@ export function showOutput(node, output) {
   if (data) setData(node, data);
 }
 
-/** One live `inversion.progress` event: a profile replaces the chart, a training step extends it. */
+/** One live `inversion.progress` event: a profile replaces the chart, a training step or a preview's
+ * CLIP scores extend it. */
 export function showProgress(e) {
   if (!e || e.node == null) return;
   const node = nodeByExecutionId(app.graph, e.node);
@@ -177,6 +178,7 @@ export function showProgress(e) {
   if (!state) return;
   if (e.kind === "profile") setData(node, fromProfile(e));
   else if (e.kind === "train") setData(node, appendTrain(state.data, e));
+  else if (e.kind === "preview_score") setData(node, appendPreviewScore(state.data, e));
 }
 
 // ------------------------------------------------------------------ finding nodes, restoring charts
