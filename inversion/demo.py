@@ -36,7 +36,7 @@ class DemoConfig:
     steps: int = 400  # ~12 s on 2 CPU cores; the concept rate has levelled off by then (see the README)
     images: int = 5  # the papers' 4-6 concept images
     batch_size: int = 4
-    method: str = "interval"  # seeds/000's [350, 450] window: ahead of vanilla on world v2 (README)
+    method: str = "adaptive"  # t ~ g(t), g w.r.t. the learned rows: ahead of vanilla on world v2 (README)
     lr: float | None = None  # None = the preset's rate
     init_word: str = "thing"  # the class word: what the world calls the shape
     samples: int = 8  # generated images per prompt

@@ -106,7 +106,7 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
                       bins: int = 20, samples_per_bin: int = 4, batch_size: int = 4,
                       t_range: tuple[int, int] | None = None, templates: Sequence[str] = OBJECT_TEMPLATES,
                       seed: int = 0, device: torch.device | str | None = None, autocast_dtype: str | None = None,
-                      callback: Callable[[Progress], Any] | None = None, reading: str = "context") -> GradProfile:
+                      callback: Callable[[Progress], Any] | None = None, reading: str = "tokens") -> GradProfile:
     """Measure g(t) (Eq. 4) on the concept images with the concepts' current vectors.
 
     [t_range) (default [0, T)) is cut into ``bins`` bins; each gets ``samples_per_bin`` draws

@@ -75,7 +75,7 @@ class TrainConfig:
     # rows (encodes each sample's prompt on its own copy of the rows). On world v2 adaptive sampling
     # reached the same accuracy with either (paired difference +0.001, 95 % CI -0.015 to +0.014, 10
     # seeds; README), so the default is the cheaper context.
-    g_reading: str = "context"
+    g_reading: str = "tokens"  # the better reading of Eq. 4 on world v2 (options.TrainingOptions.g_reading)
     # A deterministic score (``score.py``: the loss on fixed draws) every N steps; 0 = off, because
     # each costs ScoreConfig.batches forward passes. Needed by early_stop and keep = "best".
     score_every: int = 0

@@ -128,8 +128,10 @@ class TrainingOptionsNode(io.ComfyNode):
                                "continues the run."),
                 io.Combo.Input("g_reading", options=list(G_READINGS), default=_D.g_reading,
                                tooltip="What seeds/000 Eq. 4's gradient norm g(t) is taken with respect to, for the "
-                               "adaptive sampler and the profiler: context (the text encoder's output, the "
-                               "default) or tokens (the learned vectors themselves, 'collected on the fly'). "
+                               "adaptive sampler and the profiler: tokens (the learned vectors themselves, 'collected on "
+                               "the fly'; the default: adaptive with it was ahead of plain TI on the miniature world, "
+                               "+0.07 accuracy, 95 % CI +0.02 to +0.12) or context (the text encoder's output, "
+                               "cheaper: the encoder runs once per distinct prompt instead of once per image). "
                                "A profile must be measured with the reading the run trains with."),
             ],
             outputs=[OptionsType.Output("options", display_name="options",

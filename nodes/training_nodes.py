@@ -41,7 +41,7 @@ __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
 log = logging.getLogger(__name__)
 
 CATEGORY = "inversion/train"
-DEFAULT_METHOD = "interval"  # seeds/000's [350, 450] window: the only strategy ahead of vanilla on world v2 (README)
+DEFAULT_METHOD = "adaptive"  # t ~ g(t) with g w.r.t. the learned rows: ahead of vanilla on world v2 (README)
 _P = MethodParams()  # the one place method defaults are written; the schema and execute read them
 
 

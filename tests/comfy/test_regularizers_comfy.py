@@ -59,13 +59,13 @@ def test_g_reading_reaches_the_profiler_and_the_trainer_and_must_match(comfyui, 
     init = harness.run_node(nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     common = dict(model=sd2.model, clip=sd2.clip, vae=sd2.vae, init=init, images=images)
-    tokens = harness.training_options(g_reading="tokens")
+    context = harness.training_options(g_reading="context")
     prof = harness.run_node(nodes["GradNormProfiler"], **common, bins=2, samples_per_bin=2, batch_size=2, window=100,
-                            seed=0, options=tokens).args[0]
-    assert prof.reading == "tokens"
+                            seed=0, options=context).args[0]
+    assert prof.reading == "context"
     out = harness.run_node(nodes["TrainTextualInversion"], **common, name="g-reading", method="adaptive", steps=2,
-                           learning_rate=0.0, batch_size=1, seed=0, if_exists="overwrite", profile=prof, options=tokens)
+                           learning_rate=0.0, batch_size=1, seed=0, if_exists="overwrite", profile=prof, options=context)
     assert out.args[0].metadata["steps"] == "2"
-    with pytest.raises(ValueError, match="profile: measured with g_reading = tokens but this run uses context"):
+    with pytest.raises(ValueError, match="profile: measured with g_reading = context but this run uses tokens"):
         harness.run_node(nodes["TrainTextualInversion"], **common, name="g-reading", method="adaptive", steps=2,
                          learning_rate=0.0, batch_size=1, seed=0, if_exists="overwrite", profile=prof)
