@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TimestepSampler", "Uniform", "Interval", "Single", "Adaptive", "high_grad"]
+__all__ = ["TimestepSampler", "Uniform", "Interval", "Single", "Adaptive", "high_grad", "reads_gradients"]
 
 
 @runtime_checkable
@@ -60,6 +60,11 @@ class _Stateless:
 
     def report(self) -> dict[str, Any]:
         return {}
+
+
+def reads_gradients(sampler: TimestepSampler) -> bool:
+    """Whether ``sampler`` uses the g values it is shown (the adaptive sampler); fixed ranges ignore them."""
+    return not isinstance(sampler, _Stateless)
 
 
 class Interval(_Stateless):

@@ -27,7 +27,7 @@ from .progress import Progress
 from .prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
 from .regularizers import RegContext, Regularizer
 from .score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, best_step, deterministic_score, dvar_ratio
-from .timesteps import TimestepSampler, Uniform
+from .timesteps import TimestepSampler, Uniform, reads_gradients
 
 __all__ = [
     "TrainConfig",
@@ -75,7 +75,8 @@ class TrainConfig:
     # rows (encodes each sample's prompt on its own copy of the rows). On world v2 adaptive sampling
     # reached the same accuracy with either (paired difference +0.001, 95 % CI -0.015 to +0.014, 10
     # seeds; README), so the default is the cheaper context.
-    g_reading: str = "tokens"  # the better reading of Eq. 4 on world v2 (options.TrainingOptions.g_reading)
+    # The better reading of Eq. 4 on world v2 (options.TrainingOptions.g_reading); used by samplers that read g.
+    g_reading: str = "tokens"
     # A deterministic score (``score.py``: the loss on fixed draws) every N steps; 0 = off, because
     # each costs ScoreConfig.batches forward passes. Needed by early_stop and keep = "best".
     score_every: int = 0
@@ -547,7 +548,9 @@ class Trainer:
     def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
         B = self.config.batch_size
         d = self.data.draw(gen, B, self.sampler.sample)
-        tokens = self.config.g_reading == "tokens"
+        # The tokens reading encodes once per sample; only a sampler that reads g pays for it (the others
+        # record the context reading, which comes free, and the encoder runs once per distinct prompt).
+        tokens = self.config.g_reading == "tokens" and reads_gradients(self.sampler)
         with autocast(self.device, self.config.autocast_dtype):
             if tokens:  # each sample reads its own copy of the rows: its gradient is that sample's alone
                 cond, rows = self.data.encode_per_sample(d.prompts, self.params)

@@ -383,7 +383,7 @@ def test_trainer_g_is_each_samples_own_for_each_reading(tiny, reading):
     c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
     cfg = TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=5e-2, templates=("a photo of {}", "a red {}"),
                       g_reading=reading)
-    tr = Trainer(tiny.text, tiny.denoiser, [c], cfg)
+    tr = Trainer(tiny.text, tiny.denoiser, [c], cfg, timesteps=Adaptive(1000, bins=5))  # a sampler that reads g
     v0 = {k: p.detach().clone() for k, p in tr.params.items()}
     expected = []
     for micro in range(cfg.grad_accum):  # the draws train_step will make, replayed
@@ -396,13 +396,15 @@ def test_trainer_g_is_each_samples_own_for_each_reading(tiny, reading):
 
 
 def test_the_reading_changes_g_but_not_the_vectors_step(tiny):
+    """With a sampler that reads g; a fixed range always records the context reading (free)."""
     c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
     runs = {}
-    for reading in ("context", "tokens"):
-        tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=3, batch_size=4, lr=5e-2, g_reading=reading))
+    for reading in ("context", "tokens"):  # one step: the adaptive sampler's first draws do not depend on g
+        tr = Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=1, batch_size=4, lr=5e-2, g_reading=reading),
+                     timesteps=Adaptive(1000, bins=5))
         runs[reading] = tr.run()
     h_c, h_t = runs["context"].history, runs["tokens"].history
-    assert h_c.timesteps == h_t.timesteps  # uniform timesteps: the same draws
+    assert h_c.timesteps == h_t.timesteps  # the same draws
     # per-sample copies sum to the shared rows' gradient: the same steps (up to summation order)
     assert torch.allclose(runs["context"].embedding.vectors["clip_l"], runs["tokens"].embedding.vectors["clip_l"],
                           rtol=1e-4, atol=1e-6)
@@ -443,3 +445,13 @@ def test_profile_tokens_reading_and_bad_readings(tiny):
     with pytest.raises(ValueError, match="g_reading must be one of"):
         TrainingOptions(g_reading="rows").validate()
     assert TrainConfig().g_reading == TrainingOptions().g_reading == "tokens"  # the better reading on world v2
+
+
+def test_a_sampler_that_ignores_g_never_pays_for_the_tokens_reading(tiny, monkeypatch):
+    c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy"))
+    cfg = TrainConfig(steps=1, batch_size=4, lr=5e-2, templates=("a photo of {}",), g_reading="tokens")
+    per_sample = []
+    tr = Trainer(tiny.text, tiny.denoiser, [c], cfg)  # uniform timesteps
+    monkeypatch.setattr(tr.data, "encode_per_sample", lambda *a, **k: per_sample.append(1))
+    tr.run()
+    assert per_sample == []
