@@ -144,6 +144,19 @@ def cancel_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(comfy_run.TrainReporter, "__call__", cancel)
 
 
+def run_chart_js(folder, body: str):
+    """Run ``body`` under Node.js with ``web/js/inversion/chart_math.js`` imported as ``m``; it prints one
+    JSON line with ``console.log``, returned parsed (the charts' JS maths checked against the library)."""
+    import json
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(folder) / "probe.mjs"
+    module = pathlib.Path(ROOT, "web", "js", "inversion", "chart_math.js").as_uri()
+    script.write_text(f"import * as m from {json.dumps(module)};\n{body}")
+    return json.loads(subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout)
+
+
 def training_options(**widgets):
     """The pack's ``TrainingOptions`` made by its Training Options node from widget values by name (the
     node's defaults for the rest), so tests exercise the node as a graph would."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from devtools import harness
 from inversion import charts
 from inversion.charts import ema, loss_chart, nice_ticks, profile_chart, similarity_chart
 
@@ -272,15 +271,13 @@ def test_curves_chart_draws_every_series_and_checks_lengths():
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 def test_js_chart_folds_preview_scores_into_the_running_chart(tmp_path):
     """web/js/inversion/chart_math.js: live preview_score events join the run's data, as the output does."""
-    root = Path(__file__).resolve().parent.parent
     events = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]
     events.insert(2, {"kind": "preview_score", "step": 2, "clip_image": 0.5, "clip_text": None})
     events.append({"kind": "preview_score", "step": 4, "clip_image": 0.6, "clip_text": 0.25})
     output = {"kind": "train", "step": [1, 2, 3, 4], "loss": [1.0, 0.5, 0.33, 0.25], "clip_step": [2, 4],
               "clip_image": [0.5, 0.6], "clip_text": [None, 0.25]}
-    script = tmp_path / "probe.mjs"
-    script.write_text(
-        f'import * as m from {json.dumps((root / "web/js/inversion/chart_math.js").as_uri())};\n'
+    live, final, orphan, steps = harness.run_chart_js(
+        tmp_path,
         "let d = null;\n"
         f"for (const e of {json.dumps(events)}) d = e.kind === 'train' ? m.appendTrain(d, e) "
         ": m.appendPreviewScore(d, e);\n"
@@ -288,7 +285,5 @@ def test_js_chart_folds_preview_scores_into_the_running_chart(tmp_path):
         "const fix = (v) => v.map((x) => (Number.isFinite(x) ? x : null));\n"
         "const pick = (x) => [fix(x.clip_step), fix(x.clip_image), fix(x.clip_text)];\n"
         "console.log(JSON.stringify([pick(d), pick(o), m.appendPreviewScore(null, {step: 1}), m.summary(d).clip_steps]));\n")
-    live, final, orphan, steps = json.loads(
-        subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout)
     assert live == final == [[2, 4], [0.5, 0.6], [None, 0.25]]
     assert orphan is None and steps == [2, 4]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ import torch
 from devtools import harness
 
 STEPS = 4
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nodes(comfyui):
@@ -203,16 +201,13 @@ def test_js_chart_reads_the_concept_series_as_the_library_does(tmp_path):
     output = {"kind": "train", "step": [1, 2, 3], "loss": [1.0] * 3, "concepts": ["a", "b"],
               "concept_vector_norm": [e["concept_vector_norm"] for e in events],
               "concept_loss": [e["concept_loss"] for e in events]}
-    script = tmp_path / "probe.mjs"
-    script.write_text(
-        f'import * as m from {json.dumps((ROOT / "web/js/inversion/chart_math.js").as_uri())};\n'
+    live_norm, live_loss, final_loss, single = harness.run_chart_js(
+        tmp_path,
         f"let d = null; for (const e of {json.dumps(events)}) d = m.appendTrain(d, e);\n"
         f"const o = m.fromOutput({json.dumps(output)});\n"
         "const fix = (s) => s.map(([n, v]) => [n, v.map((x) => (Number.isFinite(x) ? x : null))]);\n"
         "console.log(JSON.stringify([fix(m.conceptSeries(d, 'concept_vector_norm')), fix(m.conceptSeries(d, "
         "'concept_loss')), fix(m.conceptSeries(o, 'concept_loss')), m.conceptSeries({concepts: ['a']}, 'x')]));\n")
-    live_norm, live_loss, final_loss, single = json.loads(
-        subprocess.run(["node", str(script)], capture_output=True, text=True, check=True).stdout)
     from inversion import charts  # the library alone (no ComfyUI needed)
 
     def py(key, d):
