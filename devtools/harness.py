@@ -119,7 +119,10 @@ def run_node(node_cls, node_id: str = "7", **inputs):
     the inference mode every prompt runs in."""
     from comfy_api.latest import io
 
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
+    hidden = {io.Hidden.unique_id: node_id}
+    # ComfyUI v0.8+ hands the clone its V3 data ({"hidden_inputs": ...}); earlier ones the hidden dict
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if hasattr(io.HiddenHolder, "from_v3_data")
+                                         else hidden)
     with torch.inference_mode():
         return clone.execute(**inputs)
 

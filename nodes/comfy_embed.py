@@ -71,15 +71,31 @@ def _split_name(text: str) -> tuple[str, str]:
     return (parts[0] if parts else ""), " ".join(parts[1:])
 
 
+_ARITY: dict[type, int] = {}  # per tokenizer class: how many values its _try_get_embedding returns
+
+
+def _lookup_arity(cls) -> int:
+    """How many values ``cls._try_get_embedding`` returns, found by asking it once about a name that
+    cannot exist (no folders to look in): 2, ``(embed, leftover)``, up to ComfyUI v0.27; 3,
+    ``(embed, name, leftover)``, from v0.28, whose tokenizer unpacks the cleaned name too."""
+    if cls not in _ARITY:
+        probe = object.__new__(cls)
+        probe.embedding_directory, probe.embedding_size, probe.embedding_key = [], 0, ""
+        _ARITY[cls] = len(cls._try_get_embedding(probe, "inversion-arity-probe"))
+    return _ARITY[cls]
+
+
 def _try_get_embedding(self, embedding_name: str):
-    """Learned vectors for a registered trigger (trailing punctuation kept as text), else the file route."""
+    """Learned vectors for a registered trigger (trailing punctuation kept as text), else the file route;
+    in the shape this ComfyUI's tokenizer unpacks (``_lookup_arity``)."""
     name, leftover = _split_name(embedding_name)
     stripped = name.rstrip(_TRAILING)
     entry = getattr(self, _TRIGGERS, {}).get(stripped)
-    if entry is not None:
-        rest = name[len(stripped):]
-        return entry[0], (f"{rest} {leftover}".strip() if rest else leftover)
-    return type(self)._try_get_embedding(self, embedding_name)
+    if entry is None:
+        return type(self)._try_get_embedding(self, embedding_name)
+    rest = name[len(stripped):]
+    leftover = f"{rest} {leftover}".strip() if rest else leftover
+    return (entry[0], leftover) if _lookup_arity(type(self)) == 2 else (entry[0], stripped, leftover)
 
 
 def _tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):

@@ -13,7 +13,8 @@
   SDXL's ADM vector ``y`` is built by the model's own ``encode_adm`` from the pooled output.
 - ``ComfyLatentEncoder``: a VAE; latents pass through ``process_latent_in`` as sampling does.
 - ``training_host``: loads the models fully, and makes them trainable-through for the duration
-  (see ``thaw`` and ``out_of_place_clip_layers``) while keeping them usable by the rest of the graph.
+  (see ``thaw`` and ``out_of_place_clip_layers``) while keeping them usable by the rest of the graph;
+  under ComfyUI's dynamic VRAM it trains through core's fully loaded copy (``static_models``).
 - ``training_precision``: a user's precision choice as the trainer's autocast dtype and loss scaling
   (fp16 UNets train with the trainer's dynamic loss scaling); ``with_compute_dtype``: a MODEL clone that
   computes in a chosen dtype; ``gradient_checkpointing``: recompute UNet blocks in backward (memory).
@@ -53,6 +54,7 @@ __all__ = [
     "encoder_keys",
     "thaw",
     "out_of_place_clip_layers",
+    "static_models",
     "training_host",
     "training_precision",
     "with_compute_dtype",
@@ -78,11 +80,25 @@ def encoder_keys(clip) -> list[str]:
     return keys
 
 
-def _apply_clip_options(clip) -> None:
-    """What ``CLIP.encode_from_tokens`` does first: default layers, then CLIPSetLastLayer's choice."""
+def _apply_clip_options(clip) -> torch.device:
+    """What ``CLIP.encode_from_tokens`` does first: default layers, then CLIPSetLastLayer's choice, then
+    (ComfyUI v0.4+) the device the encoder runs on, its patcher's load device; returns that device.
+
+    Without the last, a v0.4+ encoder runs where its token table happens to sit (after a partial or
+    dynamic load, the CPU). Older encoders ignore the option and run where their weights are."""
+    device = clip.patcher.load_device
     clip.cond_stage_model.reset_clip_options()
     if clip.layer_idx is not None:
         clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    clip.cond_stage_model.set_clip_options({"execution_device": device})
+    return device
+
+
+def _device_context(device):
+    """ComfyUI's ``cuda_device_context`` (v0.2x+: the current CUDA device follows ``device`` for kernels
+    that read it), or nothing where this ComfyUI has none."""
+    context = getattr(comfy.model_management, "cuda_device_context", None)
+    return context(device) if context is not None else contextlib.nullcontext()
 
 
 class ComfyTextEncoder:
@@ -113,11 +129,12 @@ class ComfyTextEncoder:
         if vectors.ndim != 2 or vectors.shape[1] != self.width:
             # ComfyUI would log and silently drop a vector of the wrong width.
             raise ValueError(f"{self.key}: learned vectors must be [k, {self.width}], got {tuple(vectors.shape)}")
-        _apply_clip_options(self.clip)
+        device = _apply_clip_options(self.clip)
         rows = vectors.unbind(0)
         batch = [[rows[s] if s >= 0 else i for i, s in zip(id_row, slot_row)]
                  for id_row, slot_row in zip(ids.tolist(), slots.tolist())]
-        out = self.module(batch)
+        with _device_context(device):
+            out = self.module(batch)
         return EncoderOutput(out[0], out[1])
 
 
@@ -269,6 +286,49 @@ def out_of_place_clip_layers(module: torch.nn.Module) -> Iterator[int]:
             m.__dict__.pop("forward", None)
 
 
+def _is_dynamic(patcher) -> bool:
+    """Whether ``patcher`` streams its weights per operation (ComfyUI v0.16+ dynamic VRAM,
+    ``ModelPatcherDynamic``); patchers of older ComfyUIs have no ``is_dynamic`` and never do."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
+
+
+def _static_patcher(patcher, what: str):
+    """Core's non-dynamic delegate of a dynamic ``patcher`` (``get_non_dynamic_delegate``: the model
+    loaded again from its file by a plain ModelPatcher, once, then cached on ``patcher``), made
+    outside inference mode so its weights are ordinary tensors; ``patcher`` itself otherwise."""
+    if not _is_dynamic(patcher):
+        return patcher
+    try:
+        with torch.inference_mode(False):
+            return patcher.get_non_dynamic_delegate()
+    except (AttributeError, RuntimeError) as e:
+        raise ValueError(
+            f"{what}: ComfyUI streams this model's weights to the GPU (dynamic VRAM), and training needs a fully "
+            f"loaded copy, which its loader cannot make ({e}). Load it with a core loader (Load Checkpoint, Load "
+            "Diffusion Model, Load CLIP), or start ComfyUI with --disable-dynamic-vram") from None
+
+
+def static_models(model, clip):
+    """The MODEL and CLIP a training run trains through: the same objects, except under dynamic VRAM.
+
+    ComfyUI's dynamic VRAM (v0.16+, the default on NVIDIA cards) streams each weight to the GPU for
+    the operation that needs it, so ``load_models_gpu(..., force_full_load=True)`` no longer loads a
+    model, and a text encoder runs where its table happens to be. Core trains through a fully loaded
+    copy of its own (the LoRA trainer's ``clone(force_deepcopy=True)``; the sampler's
+    ``get_non_dynamic_delegate`` when hooks need one); the run does the same with core's delegate,
+    so its gradients are those of an ordinary load. It costs what core's copy costs: the model is
+    read from its file once more (then kept with the original) and held in RAM twice. On the CPU, and
+    with ``--disable-dynamic-vram``, nothing is copied."""
+    model = _static_patcher(model, "model")
+    patcher = _static_patcher(clip.patcher, "clip")
+    if patcher is not clip.patcher:
+        clip = clip.clone()
+        clip.patcher = patcher
+        clip.cond_stage_model = patcher.model  # CLIP.clone() keeps the dynamic encoder's module
+    return model, clip
+
+
 @dataclass
 class ComfyHost:
     """Everything the trainer needs, over one MODEL/CLIP(/VAE) triple."""
@@ -294,6 +354,7 @@ def training_host(model, clip, vae=None) -> Iterator[ComfyHost]:
     tensors stay (same values, so later sampling is unchanged).
     """
     encoder_keys(clip)
+    model, clip = static_models(model, clip)  # already the static ones when the caller made them
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
         thaw(model.model)

@@ -28,8 +28,8 @@ from ..inversion.profiler import profile_gradients
 from ..inversion.regularizers import L2Norm, L2ToInit, contrastive
 from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
-from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, training_host, training_precision,
-                         with_compute_dtype)
+from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_models, training_host,
+                         training_precision, with_compute_dtype)
 from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .concept_nodes import ConceptInput, check_concept_wiring, concept_list
@@ -292,6 +292,7 @@ class TrainTextualInversion(io.ComfyNode):
         names = [c.name for c in specs] if len(specs) > 1 else None
         metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
                     "trainer": "ComfyUI-Inversion", **({"concepts": ",".join(names)} if names else {})}
+        model, clip = static_models(model, clip)  # dynamic VRAM: core's fully loaded copy (previews use it too)
         model = with_compute_dtype(model, opts.precision)  # "auto": the model as loaded
         own = specs[0]  # previews show (and CLIP scores compare with) this node's own concept
         shown = None if previews is None else TrainingPreviews(  # before the run

@@ -153,8 +153,51 @@ def test_snapshot_matches_the_live_schemas(live_schemas):
     if live_schemas is None:
         pytest.skip("COMFYUI_PATH is not set: no live /object_info to compare with")
     snapshot = _load(SNAPSHOT)
-    stale = sorted(t for t in snapshot if t in PACK_IDS and snapshot[t] != live_schemas.get(t))
+    core = _core_lists(live_schemas, snapshot)
+    stale = sorted(t for t in snapshot if t in PACK_IDS and snapshot[t] != _as_snapshot(live_schemas.get(t),
+                                                                                         snapshot[t], core))
     assert stale == [], f"node schemas changed: {stale}; run tools/build_examples.py and commit its output"
+
+
+def _core_lists(live: dict, snapshot: dict) -> list[tuple[list, list]]:
+    """(live, snapshot) option lists that ComfyUI supplies, not the pack: KSampler's samplers and
+    schedulers, which Preview Options offers too and which grow with each ComfyUI release."""
+    def lists(schemas):
+        req = schemas["KSampler"]["input"]["required"]
+        return [req["sampler_name"][0], req["scheduler"][0]]
+
+    return list(zip(lists(live), lists(snapshot)))
+
+
+def _as_snapshot(live: dict | None, snapshot: dict, core: list[tuple[list, list]] = ()) -> dict | None:
+    """A live schema in the snapshot's terms. Newer ComfyUIs report more fields for every node
+    (v0.33: search_aliases, essentials_category, price_badge, ...); the pack sets none of them, so
+    such a field must be empty (None, False, [] or {}), and is then left out of the comparison. A
+    combo whose options are one of ComfyUI's own lists (``core``) compares as the snapshot's list."""
+    if live is None:
+        return None
+    extra = {k: v for k, v in live.items() if k not in snapshot}
+    set_by_pack = {k: v for k, v in extra.items() if v not in (None, False, [], {})}
+    out = copy.deepcopy({k: v for k, v in live.items() if k in snapshot or k in set_by_pack})
+    for group in (out.get("input") or {}).values():
+        for spec in group.values():
+            options = spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], dict) else None
+            for now, then in core:
+                if options is not None and options == now:
+                    spec[1]["options"] = then
+    return out
+
+
+def test_snapshot_comparison_ignores_only_empty_new_fields():
+    """The comparison above: a newer ComfyUI's empty extra field passes, a set one or a changed input fails."""
+    snap = {"input": {"required": {"a": ["INT", {}]}}, "name": "X"}
+    assert _as_snapshot(dict(snap, search_aliases=None, dev_only=False), snap) == snap
+    assert _as_snapshot(dict(snap, search_aliases=["y"]), snap) != snap
+    assert _as_snapshot(dict(snap, input={"required": {}}), snap) != snap
+    combo = {"input": {"required": {"s": ["COMBO", {"options": ["euler", "new"]}]}}}
+    old = {"input": {"required": {"s": ["COMBO", {"options": ["euler"]}]}}}
+    assert _as_snapshot(combo, old, [(["euler", "new"], ["euler"])]) == old
+    assert _as_snapshot(combo, old, [(["euler", "other"], ["euler"])]) != old
 
 
 def test_checker_finds_broken_workflows():

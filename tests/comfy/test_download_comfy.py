@@ -18,13 +18,7 @@ import pytest
 import torch
 
 
-def _run(node_cls, node_id="7", **inputs):
-    """``execute`` as ComfyUI's executor calls it: a class clone with its hidden inputs."""
-    from comfy_api.latest import io
-
-    clone = node_cls.PREPARE_CLASS_CLONE({io.Hidden.unique_id: node_id})
-    with torch.inference_mode():
-        return clone.execute(**inputs)
+from devtools.harness import run_node as _run  # execute as ComfyUI's executor calls it
 
 
 @pytest.fixture

@@ -16,6 +16,11 @@ Why this exists
 - Like the harness stub it has no dist-info, so libraries that check the installed version
   treat torchvision as absent. Never install it next to a real torchvision.
 
+The same file also stands in for torchaudio, which ComfyUI v0.2x-v0.33 imports at module level
+(``comfy.sd`` -> the audio VAE) and which has no build for the CPU torch either: CI copies it to
+``site-packages/torchaudio/__init__.py``. Every name in it comes from ``__name__``, so each copy
+serves its own package.
+
 How it is used: ``tests/open_clip_env.py`` puts this folder first on ``sys.path`` when the
 torchvision that is installed cannot be subclassed; CI may instead install it as
 ``site-packages/torchvision`` in place of the harness stub (a superset of what ComfyUI needs).
@@ -29,8 +34,8 @@ import types
 __version__ = "0.0.0+inversion.ci.stub"
 HARNESS_STUB = True  # same marker as the harness stub: "this is not a real torchvision"
 SUBCLASSABLE_STUB = True
-_MSG = ("torchvision is not available here: this is ComfyUI-Inversion's import-only CI stub "
-        "(.ci/torchvision_stub); install a torchvision that matches your torch to use it")
+_MSG = (f"{__name__} is not available here: this is ComfyUI-Inversion's import-only CI stub "
+        f"(.ci/torchvision_stub); install a {__name__} that matches your torch to use it")
 
 
 class _StubMeta(type):
@@ -54,7 +59,7 @@ class _Unavailable(metaclass=_StubMeta):
 
 def _make(qualname: str) -> type:
     name = qualname.rsplit(".", 1)[-1]
-    cls = _StubMeta(name, (_Unavailable,), {"__module__": "torchvision"})
+    cls = _StubMeta(name, (_Unavailable,), {"__module__": __name__})
     cls.__qualname__ = qualname
     return cls
 
@@ -71,7 +76,7 @@ class _StubModule(types.ModuleType):
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serve every ``torchvision.<anything>`` submodule as a stub module."""
 
-    _inversion_stub = True
+    _inversion_stub = __name__  # the package this finder serves (one finder per stubbed package)
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.startswith(__name__ + "."):
@@ -86,7 +91,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 # First on the meta path, so this stub (not another one installed earlier) serves submodules.
-if not any(getattr(f, "_inversion_stub", False) for f in sys.meta_path):
+if not any(getattr(f, "_inversion_stub", None) == __name__ for f in sys.meta_path):
     sys.meta_path.insert(0, _Finder())
 
 
