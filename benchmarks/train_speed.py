@@ -61,7 +61,7 @@ def boot(gpu: bool):
         import comfy.cli_args
         comfy.cli_args.args.cpu = False
         import comfy.model_management  # noqa: F401  (fixes the device now)
-    env = harness.boot(tempfile.mkdtemp(prefix="comfy-speed-"))
+    env = harness.boot(tempfile.mkdtemp(prefix="comfy-speed-"), cpu=not gpu)
     harness.import_pack()
     return env
 

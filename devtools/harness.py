@@ -50,8 +50,9 @@ def cache_dir() -> str:
     return base
 
 
-def boot(base_dir: str) -> types.SimpleNamespace:
-    """Import ComfyUI from ``COMFYUI_PATH`` on the CPU with every folder under ``base_dir``."""
+def boot(base_dir: str, cpu: bool = True) -> types.SimpleNamespace:
+    """Import ComfyUI from ``COMFYUI_PATH`` with every folder under ``base_dir``; on the CPU unless
+    ``cpu`` is False (then ComfyUI picks its device, or keeps the one an earlier import picked)."""
     path = comfyui_path()
     if path is None:
         raise RuntimeError("COMFYUI_PATH is not set to a ComfyUI checkout")
@@ -68,7 +69,8 @@ def boot(base_dir: str) -> types.SimpleNamespace:
 
     # Must precede comfy.model_management's import (a CUDA build without a GPU crashes there),
     # and folder_paths reads base_directory when it is first imported.
-    comfy.cli_args.args.cpu = True
+    if cpu:
+        comfy.cli_args.args.cpu = True
     comfy.cli_args.args.base_directory = base_dir
     import comfy.model_management
     import folder_paths

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,30 @@ def comfyui_path() -> str | None:
     if path and os.path.isfile(os.path.join(path, "main.py")) and os.path.isdir(os.path.join(path, "comfy")):
         return os.path.abspath(path)
     return None
+
+
+def comfyui_version(path: str | None = None) -> str:
+    """The version of the ComfyUI checkout at ``path`` (default ``COMFYUI_PATH``), from its
+    ``comfyui_version.py``; "unknown" where it has none."""
+    path = path or comfyui_path()
+    try:
+        with open(os.path.join(path, "comfyui_version.py"), encoding="utf-8") as f:
+            found = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", f.read())
+    except (OSError, TypeError):
+        return "unknown"
+    return found.group(1) if found else "unknown"
+
+
+def frontend_args() -> tuple[str, ...]:
+    """``--front-end-root`` when ``INVERSION_FRONTEND_ROOT`` names a frontend's ``static`` folder (another
+    frontend than the venv's ``comfyui-frontend-package``, e.g. ``pip install --target DIR
+    comfyui-frontend-package==1.49.6`` and ``DIR/comfyui_frontend_package/static``); else none."""
+    root = os.environ.get("INVERSION_FRONTEND_ROOT")
+    if not root:
+        return ()
+    if not os.path.isfile(os.path.join(root, "index.html")):
+        raise RuntimeError(f"INVERSION_FRONTEND_ROOT={root} has no index.html: point it at a frontend's static folder")
+    return ("--front-end-root", os.path.abspath(root))
 
 
 def free_port() -> int:
@@ -82,7 +107,7 @@ class ComfyServer:
         self.install_pack()
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch", *self.extra_args]
+               "--disable-auto-launch", *frontend_args(), *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -178,7 +178,10 @@ class RunFiles:
         if exists and if_exists == "error":
             raise ValueError(f"name: {path} already exists. Choose another name, or set if_exists to 'overwrite' "
                              "(train anew; the file is replaced when the new run completes) or 'resume' (continue "
-                             "training it)")
+                             "training it). If you queued an unchanged graph again, this is your last run's file: "
+                             "ComfyUI (v0.33+) dropped that run's result from its cache to free RAM and so ran the "
+                             "trainer again; load the file with Load Embedding, or start ComfyUI with "
+                             "--cache-classic to keep results cached")
         if if_exists != "resume":
             return files, None
         return files, files._resume_state()

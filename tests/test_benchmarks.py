@@ -30,6 +30,22 @@ def test_train_speed_quick_prints_finite_numbers():
     assert all(math.isfinite(x) and x > 0 for x in (ours, floor, ratio)), rows[0]
 
 
+def test_dynamic_vram_check_quick_compares_both_modes():
+    """The GPU check of training under dynamic VRAM (issue 22) runs on the CPU: two processes started as
+    ComfyUI's main.py starts, the same vectors from both, the devices and step times printed."""
+    if harness.comfyui_path() is None:
+        pytest.skip("COMFYUI_PATH is not set to a ComfyUI checkout; the check needs a real ComfyUI")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dynamic_vram_check.py"), "--quick"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| UNet ran on | cpu | cpu |" in out and "| clip_l ran on | cpu | cpu |" in out, out
+    assert "final vectors after 2 steps: max |on - off| = 0 " in out, out
+    step = next(line for line in out.splitlines() if line.startswith("| step time"))
+    assert all(float(x) > 0 for x in step.strip("|").split("|")[1:]), step
+
+
 def test_paired_bootstrap_interval_covers_the_true_shift_and_excludes_zero():
     """Seeds share their noise: a method that is 0.1 better on every seed, under per-seed noise 5x
     larger than the shift, is detected by the paired difference (the unpaired spread would hide it)."""

@@ -57,3 +57,19 @@ def test_readme_results_are_the_measured_ones():
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     for script in set(re.findall(r"python (benchmarks/\w+\.py)", readme)):
         assert (ROOT / script).is_file(), script
+
+
+def test_tested_versions_agree_in_pyproject_readme_and_ci():
+    """pyproject.toml's tested ComfyUI and frontend versions are what README states and .ci/run runs."""
+    import tomllib
+
+    tested = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["comfyui-inversion"]["tested"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    statement = re.search(r"\*\*Tested on\*\* (.*?)\n\n", readme, flags=re.S).group(1)
+    for v in tested["comfyui"]:
+        assert f"ComfyUI v{v}" in statement and f"ComfyUI v{v}" in ci, v
+    for v in tested["frontend"]:
+        assert v in statement and v in ci, v
+    assert re.search(r"^NEW_FRONTEND=(\S+)$", ci, flags=re.M).group(1) in tested["frontend"]
+    assert re.search(r"^MID_FRONTEND=(\S+)$", ci, flags=re.M).group(1) in tested["frontend"]

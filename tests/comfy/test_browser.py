@@ -35,6 +35,8 @@ ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 PACK = sp.PACK_FOLDER
 TRAIN = "InversionTrainTextualInversion"
+# ComfyUI's toast: PrimeVue's up to frontend 1.57, Reka UI's list items from 1.58
+TOAST = ".p-toast-message, li[data-testid='toast']"
 SMOOTH_RGB = (91, 155, 255)  # the EMA loss curve's colour in web/js/inversion_charts.js
 
 
@@ -74,6 +76,15 @@ def page(server):
         p.wait_for("window.app && window.app.graph && Object.keys(LiteGraph.registered_node_types).length > 100", 120)
         p.pump(1.0)
         yield p
+
+
+def _artifact(page, name: str) -> str:
+    """``test-artifacts/comfyui-<version>_frontend-<version>/<name>``: each CI leg keeps its own screenshots."""
+    if not hasattr(page, "artifacts"):
+        frontend = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ ?? 'unknown'")
+        page.artifacts = os.path.join(ARTIFACTS, f"comfyui-{sp.comfyui_version()}_frontend-{frontend}")
+        os.makedirs(page.artifacts, exist_ok=True)
+    return os.path.join(page.artifacts, name)
 
 
 def _pack_errors(page) -> list[dict]:
@@ -337,6 +348,10 @@ def test_chart_in_the_vue_node_renderer(page):
         page.pump(0.5)
         drawn = _loss_pixels(page, f"document.querySelector('{selector}')")
         assert drawn > 50
+        layout = _vue_chart_layout(page, node_id)
+        assert layout["charts"] == 1, layout
+        assert layout["empty_rows"] == [], layout  # no row left empty above the chart (frontend 1.49+)
+        assert 0 <= layout["gap"] < 30, layout  # the chart follows the last widget
         page.evaluate(f"""(() => {{  // bring the bottom of the (tall) node into view
             const c = window.comfyAPI.app.app.canvas;
             const b = document.querySelector('{selector}').getBoundingClientRect();
@@ -351,7 +366,7 @@ def test_chart_in_the_vue_node_renderer(page):
             const top = Math.max(0, b.top - 300);
             return {{x: n.x, y: top, width: n.width, height: b.bottom - top + 10}};
         }})()""")
-        page.screenshot(os.path.join(ARTIFACTS, "browser_vue_node_chart.png"), clip=rect)
+        page.screenshot(_artifact(page, "browser_vue_node_chart.png"), clip=rect)
     finally:
         page.evaluate("window.comfyAPI.app.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
         page.pump(1.0)
@@ -359,6 +374,23 @@ def test_chart_in_the_vue_node_renderer(page):
     steps = page.evaluate(f"""window.comfyAPI.app.app.graph.getNodeById({node_id})
         .widgets.find((w) => w.name === 'inversion_chart').value.steps""")
     assert steps == list(range(1, 9))
+
+
+def _vue_chart_layout(page, node_id: int) -> dict:
+    """The trainer's Vue node: its chart containers, the widget rows that show nothing (no control, no
+    canvas, no text; a slot the chart was taken out of), and the gap in px between the last widget row
+    and the chart."""
+    return page.evaluate(f"""(() => {{
+        const n = document.querySelector('[data-node-id="{node_id}"]');
+        const chart = n.querySelector('.comfyui-inversion-chart');
+        const rows = [...n.querySelector('.lg-node-widgets').children];
+        const shows = (r) => r.textContent.trim() !== '' || !!r.querySelector('canvas, input, button, select, textarea');
+        const empty = rows.filter((r) => !shows(r) && r.getBoundingClientRect().height > 4)
+                          .map((r) => r.getBoundingClientRect().height);
+        const above = rows.filter((r) => shows(r) && !r.contains(chart)).pop();
+        return {{charts: n.querySelectorAll('.comfyui-inversion-chart').length, empty_rows: empty,
+                 gap: chart.getBoundingClientRect().top - above.getBoundingClientRect().bottom}};
+    }})()""")
 
 
 def _training_workflow(server) -> dict:
@@ -414,9 +446,9 @@ def test_short_training_run_draws_the_chart_and_survives_a_reload(page, server):
         const c = {node}.widgets.find((w) => w.name === 'inversion_chart').element.getBoundingClientRect();
         return {{x: c.x, y: c.y, width: c.width, height: c.height}};
     }})()""")
-    page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart.png"))
+    page.screenshot(_artifact(page, "browser_training_chart.png"))
     if rect["width"] > 0 and rect["height"] > 0:
-        page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart_widget.png"), clip=rect)
+        page.screenshot(_artifact(page, "browser_training_chart_widget.png"), clip=rect)
 
     # a page reload restores the workflow; the chart comes back from the node's output in /history
     page.goto(server.url)
@@ -425,7 +457,7 @@ def test_short_training_run_draws_the_chart_and_survives_a_reload(page, server):
                   f"'inversion_chart').value?.steps?.length > 0; }})()", timeout=60)
     page.pump(1.0)
     assert _chart_pixels(page, node) > 50
-    page.screenshot(os.path.join(ARTIFACTS, "browser_training_chart_after_reload.png"))
+    page.screenshot(_artifact(page, "browser_training_chart_after_reload.png"))
     assert not _pack_errors(page), _pack_errors(page)
 
 
@@ -466,7 +498,7 @@ def test_training_with_previews_shows_them_on_the_node(page, server):
     assert len(previews) == 2, page.evaluate("window.__previews")  # after steps 2 and 3
     # a row of two square images; the server scales previews to fit ComfyUI's preview size (ImageOps.contain)
     assert all(p["type"] == "image/jpeg" and p["width"] == 2 * p["height"] > 0 for p in previews), previews
-    page.screenshot(os.path.join(ARTIFACTS, "browser_training_previews.png"))
+    page.screenshot(_artifact(page, "browser_training_previews.png"))
     assert not _pack_errors(page), _pack_errors(page)
 
 
@@ -491,9 +523,9 @@ def test_a_warning_reaches_the_user_as_a_toast(page, server):
     page.wait_for("window.__inversionWarnings.length > 0", timeout=120)
     detail = page.evaluate("window.__inversionWarnings[0]")
     assert detail["node"] == "1" and "broken.png" in detail["message"], detail
-    page.wait_for("[...document.querySelectorAll('.p-toast-message')]"
+    page.wait_for(f"[...document.querySelectorAll({json.dumps(TOAST)})]"
                   ".some((t) => t.textContent.includes('broken.png'))", timeout=30)
-    page.screenshot(os.path.join(ARTIFACTS, "browser_warning_toast.png"))
+    page.screenshot(_artifact(page, "browser_warning_toast.png"))
     assert not _pack_errors(page), _pack_errors(page)
 
 

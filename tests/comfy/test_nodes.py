@@ -129,7 +129,7 @@ def test_saved_file_works_with_comfyui_embedding_syntax(comfyui, sd15, vanilla):
 def test_existing_file_is_never_overwritten_unless_told(comfyui, sd15, vanilla):
     path = vanilla.args[2]
     before = (os.path.getmtime(path), Path(path).read_bytes())
-    with pytest.raises(ValueError, match="already exists.*'overwrite'.*'resume'"):
+    with pytest.raises(ValueError, match="already exists.*'overwrite'.*'resume'.*queued an unchanged graph again.*Load Embedding"):
         _train(comfyui, sd15, "concept-vanilla", if_exists="error")
     assert (os.path.getmtime(path), Path(path).read_bytes()) == before
     with pytest.raises(ValueError, match="switch 'overwrite' on"):

@@ -5,7 +5,9 @@
 // The Vue node renderer of frontend 1.27 draws only its own widget types (and its built-in "chart"
 // widget cannot load Chart.js there), so in that mode the same canvas is mounted into the node's
 // element. Nothing tells an extension when a Vue node element appears, so a timer looks every
-// VUE_CHECK_MS; it runs only while a chart exists, and stops with the last one.
+// VUE_CHECK_MS; it runs only while a chart exists, and stops with the last one. From frontend 1.49
+// the Vue renderer mounts every DOM widget in a row of its own: where the chart already sits inside
+// the node's element it is left there (moving it would leave that row empty above the chart).
 //
 // The frontend imports every .js under web/, this module too: it only exports (window.comfyAPI is
 // read here, nothing is called or registered).
@@ -75,8 +77,9 @@ function mountInVueNode(state) {
   const node = state.node;
   if (!window.LiteGraph?.vueNodesMode || node.graph !== app.canvas?.graph) return;
   const el = document.querySelector(`[data-node-id="${CSS.escape(String(node.id))}"]`);
-  const widgets = el?.querySelector(".lg-node-widgets");
-  if (!widgets || state.container.parentElement === widgets.parentElement) return;
+  if (!el || el.contains(state.container)) return; // mounted already: by the frontend (1.49+) or by us
+  const widgets = el.querySelector(".lg-node-widgets");
+  if (!widgets) return;
   Object.assign(state.container.style, { height: `${MIN_HEIGHT}px`, padding: "0 8px 8px 8px", boxSizing: "border-box" });
   widgets.after(state.container);
   schedule(state);
