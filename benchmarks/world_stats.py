@@ -17,7 +17,7 @@ import statistics
 from typing import Callable, Sequence
 
 __all__ = ["bootstrap_ci", "paired_difference", "steps_to_threshold", "median_ci", "seconds_to_threshold",
-           "area_under_curve", "value_at"]
+           "area_under_curve", "value_at", "sign_flip_p", "holm"]
 
 INF = float("inf")
 
@@ -43,6 +43,44 @@ def paired_difference(method: dict[int, float], base: dict[int, float], **kw) ->
     mean, lo, hi = bootstrap_ci(diffs, **kw)
     return {"mean": mean, "low": lo, "high": hi, "seeds": len(seeds), "ahead": sum(d > 0 for d in diffs),
             "behind": sum(d < 0 for d in diffs)}
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired differences ``diffs`` against "no difference": the exact
+    sign-flip permutation test (under the null each seed's difference is as likely to have either
+    sign, so all 2^n sign patterns are equally likely; p = the share whose |mean| is at least the
+    observed one). Exact for n <= 16 seeds; a seeded sample of 2^16 patterns beyond."""
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n == 0:
+        return 1.0
+    observed = abs(sum(d)) - 1e-12
+    if n <= 16:
+        patterns = range(2 ** n)
+        total = 2 ** n
+    else:
+        rng = random.Random(0)
+        total = 2 ** 16
+        patterns = (rng.getrandbits(n) for _ in range(total))
+    hits = 0
+    for bits in patterns:
+        s = sum(x if (bits >> i) & 1 else -x for i, x in enumerate(d))
+        hits += abs(s) >= observed
+    return hits / total
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979) for a family of m comparisons: sorted ascending,
+    p_(i) x (m - i + 1), made monotone and capped at 1; a comparison holds at level a when its adjusted
+    p-value is below a (the family-wise error rate stays below a)."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
 
 
 def steps_to_threshold(steps: Sequence[int], acc: Sequence[float], threshold: float, sustain: int = 2) -> float:

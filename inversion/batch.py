@@ -229,6 +229,28 @@ class ConceptSet:
         noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
         return Draw(idx, prompts, t, x0, noise, None if self.mask_tables is None else self.mask_tables[b][on])
 
+    def fixed_draws(self, n: int, seed: int, num_timesteps: int, batch_size: int) -> list[Draw]:
+        """A fixed evaluation set of ``n`` draws (image, prompt, t uniform in [0, T), noise) that depends
+        only on ``seed`` and ``n``, never on the run (its batch size, step, sampler), in micro-batches of at
+        most ``batch_size`` that each keep to one aspect bucket. Several concepts (``balanced``): sample j
+        is concept j mod N, so n = b x N draws b of each."""
+        gen = step_generator(seed, 0, 0)
+        idx = self.sample_rows(gen, n, batch_size=1)  # each row on its own: any bucket, one draw for any B
+        prompts = self.prompts(idx, gen)
+        t = torch.randint(0, num_timesteps, (n,), generator=gen)
+        singles = [self.draw_at(step_generator(seed, 1, i), idx[i:i + 1], prompts[i:i + 1], t[i:i + 1])
+                   for i in range(n)]  # each sample's noise from its own generator: chunking cannot change it
+        out: list[Draw] = []
+        for d in singles:
+            last = out[-1] if out else None
+            if last is not None and len(last.idx) < batch_size and last.x0.shape[1:] == d.x0.shape[1:]:
+                out[-1] = Draw(torch.cat([last.idx, d.idx]), last.prompts + d.prompts, torch.cat([last.t, d.t]),
+                               torch.cat([last.x0, d.x0]), torch.cat([last.noise, d.noise]),
+                               None if d.mask is None else torch.cat([last.mask, d.mask]))
+            else:
+                out.append(d)
+        return out
+
     # ---- encoding ----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor]) -> Conditioning:
         """Encode each distinct prompt once with ``vectors`` in the placeholders' slots; rows follow ``prompts``."""

@@ -7,12 +7,16 @@ Textual Inversion (Gal et al. 2022, Sec. 4.3) scores generated images with two C
 
       S_img = 1 / (|G| |X|) * sum_i sum_j cos(E_I(g_i), E_I(x_j))
 
-- text similarity, the mean cosine between a generated image and the CLIP text embedding of its
-  prompt with the placeholder omitted ("a painting of S* on the beach" -> "a painting of on the beach"):
+- text similarity, per prompt p: the cosine between the average CLIP embedding of the images G_p
+  generated from p and the CLIP text embedding of p with the placeholder omitted ("a painting of S* on
+  the beach" -> "a painting of on the beach"), the image embeddings averaged first:
 
-      S_txt = 1 / |G| * sum_i cos(E_I(g_i), E_T(p_i without S*))
+      S_txt(p) = cos( 1 / |G_p| * sum_{g in G_p} E_I(g),  E_T(p without S*) )
 
-On previews there is one image per prompt at each preview step, all from one seed. As in the paper,
+  and S_txt is its mean over the edit prompts.
+
+On previews there is one image per prompt at each preview step, all from one seed, so the average
+of G_p's embeddings is that one image's embedding. As in the paper,
 image similarity is measured on the concept prompt (the first line of the previews' prompts, the
 concept in a template) and text similarity on the edit prompts (the other lines); with a single
 prompt both are measured on it. Every prompt's own pair of values is kept too. One seed makes the

@@ -9,9 +9,8 @@ gradient of the summed loss w.r.t. c into each sample's Eq. 4 norm by the chain 
 trainer gets g for free from its own backward pass; ``grad_norms_at`` measures g alone (the
 profiler), with one forward and one backward pass of the denoiser and none of the text encoder.
 
-Eq. 4 has two readings (``G_READINGS``). On world v2 adaptive sampling reached the same concept
-accuracy with either (paired difference +0.001, 95 % CI -0.015 to +0.014, 10 seeds; README), so
-"context", the cheaper, is the default:
+Eq. 4 has two readings (``G_READINGS``); which one a run uses is ``TrainConfig.g_reading`` (default
+"tokens", the one the world's measurements favour: README, "Which method?"):
 - "context": the gradient w.r.t. the text encoder's output c = c_theta(y(v)), [L, D] per sample
   (Eq. 4 as written: ``conditioning_grad_norms``, ``grad_norms_at``);
 - "tokens": the gradient w.r.t. the learned token rows v themselves, the quantity the optimiser
@@ -58,7 +57,7 @@ def per_sample_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | 
 def conditioning_grad_norms(ctx_grad: torch.Tensor, per: torch.Tensor, n_eff: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Per-sample g_i = || grad_c ||eps_hat_i - eps_i|| || w.r.t. the text encoder's output c: the
-    "context" reading of seeds/000 Eq. 4 (the default), from one backward pass.
+    "context" reading of seeds/000 Eq. 4, from one backward pass.
 
     The backward pass differentiated ``mean_i(per_i) / scale`` where per_i = ||r_i||^2 / n_i is the
     sample's mean squared error, so grad_c per_i = ctx_grad_i * scale (the denoiser treats samples

@@ -43,7 +43,7 @@ class TrainingOptions:
     # Eq. 4's g w.r.t. the learned rows ("tokens") or c ("context"); on world v2 adaptive sampling with tokens was
     # ahead of vanilla (+0.07 final accuracy, 95 % CI +0.02 to +0.12) and context was not (+0.03, CI -0.03 to +0.08)
     g_reading: str = "tokens"
-    score_every: int = 0  # deterministic score (score.py) every N steps; 0 = off: each costs ScoreConfig.batches forwards
+    score_every: int = 0  # deterministic score (score.py) every N steps; 0 = off: each costs ScoreConfig.draws forwards per concept
     early_stop: bool = False  # DVAR's rule on the scores; off until runs show it safe (issue 14)
     dvar_window: int = DVAR_WINDOW  # evaluations (DVAR's TI setting; steps when score_every = 1)
     dvar_threshold: float = DVAR_THRESHOLD  # DVAR's TI setting

@@ -8,11 +8,14 @@ L_1..L_n it stops training once the curve has flattened,
 
     Var(L_{n-w+1..n}) / Var(L_1..n) < threshold,          w = 310, threshold = 0.15 for TI,
 
-the variance of the last ``w`` values against that of all of them. This is the rule as this project
-implements it from the paper's description (its code is not available here): population variances
+the variance of the last ``w`` values against that of all of them. The authors' code is public
+(github.com/yandex-research/DVAR); this module implements the rule from the paper's description and
+was not compared with that code here (this project's machines cannot reach it): population variances
 (ddof 0), at least ``w`` values before it can fire, and a curve with no variance at all (every value
-equal, nothing learned yet) never fires: early stop must only ever end a run that has moved. The paper scores every step; with ``every`` > 1 the window counts
-evaluations, not steps (w evaluations = w x every steps).
+equal, nothing learned yet) never fires: early stop must only ever end a run that has moved. The
+paper scores every step; with ``every`` > 1 the window counts evaluations, not steps (w evaluations
+= w x every steps). The score is the training objective itself: the same masked loss, on a fixed set
+of draws that does not grow with the batch size.
 
 Note the rule is relative: a curve that keeps falling in a straight line has
 Var(last w) / Var(all n) = (w^2 - 1) / (n^2 - 1), which drops below 0.15 once n > 2.58 w, so even a
@@ -39,18 +42,18 @@ KEEP = ("last", "best")  # which step's vectors a finished run's embedding file 
 class ScoreConfig:
     """When and on which fixed draws the vectors are scored."""
 
-    every: int = 0  # 0 = off; else score after every N optimiser steps (each costs batches forward passes)
-    # Micro-batches of the run's batch size per score: 4 draws at B = 1 keeps a score at about one
-    # training step's cost (a step is a forward and a backward pass) while covering several images.
-    batches: int = 4
+    every: int = 0  # 0 = off; else score after every N optimiser steps (each costs ``draws`` forward passes)
+    # Fixed draws per concept, whatever the run's batch size (DVAR scores one fixed set): 4 keep a score
+    # near one B = 1 training step's cost (a step is a forward and a backward pass) over several images.
+    draws: int = 4
     # One fixed set for every run (not the run's seed): scores of runs with different seeds compare.
     seed: int = 12345
 
     def validate(self) -> "ScoreConfig":
         if self.every < 0:
             raise ValueError(f"score_every must be >= 0 (0 = off), got {self.every}")
-        if self.batches < 1:
-            raise ValueError(f"score batches must be >= 1, got {self.batches}")
+        if self.draws < 1:
+            raise ValueError(f"score draws must be >= 1, got {self.draws}")
         return self
 
 
@@ -70,9 +73,10 @@ def check_score_settings(score_every: int, early_stop: bool, dvar_window: int, d
 
 
 def deterministic_score(trainer: Any, config: ScoreConfig) -> float:
-    """The diffusion loss of the current vectors on ``config``'s fixed draws (``Trainer.evaluate``):
-    the concept images, noise and timesteps of each draw depend only on ``config.seed``."""
-    return trainer.evaluate(config.batches, config.seed)
+    """The training loss (masked as training masks it) of the current vectors on ``config``'s fixed draws
+    (``Trainer.evaluate``): the concept images, noise and timesteps of each draw depend only on
+    ``config.seed``, not on the run's batch size or step."""
+    return trainer.evaluate(config.draws, config.seed)
 
 
 def _variance(xs: Sequence[float]) -> float:

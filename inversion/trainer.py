@@ -72,13 +72,11 @@ class TrainConfig:
     norm_stop: float = 50.0  # stop; keep the last vectors that were within norm_warn
     # What seeds/000 Eq. 4's g (the adaptive sampler's signal) differentiates: "context" = the text
     # encoder's output c (as Eq. 4 is written; free from the step's backward), "tokens" = the learned
-    # rows (encodes each sample's prompt on its own copy of the rows). On world v2 adaptive sampling
-    # reached the same accuracy with either (paired difference +0.001, 95 % CI -0.015 to +0.014, 10
-    # seeds; README), so the default is the cheaper context.
-    # The better reading of Eq. 4 on world v2 (options.TrainingOptions.g_reading); used by samplers that read g.
+    # rows (encodes each sample's prompt on its own copy of the rows; only samplers that read g pay it).
+    # "tokens": the better reading on the miniature world (README, "Which method?").
     g_reading: str = "tokens"
     # A deterministic score (``score.py``: the loss on fixed draws) every N steps; 0 = off, because
-    # each costs ScoreConfig.batches forward passes. Needed by early_stop and keep = "best".
+    # each costs ScoreConfig.draws forward passes per concept. Needed by early_stop and keep = "best".
     score_every: int = 0
     early_stop: bool = False  # DVAR's rule on the scores; off until runs show it safe (issue 14)
     dvar_window: int = DVAR_WINDOW  # in evaluations (= steps when score_every = 1, the paper's cadence)
@@ -494,6 +492,7 @@ class Trainer:
         self._optimizer_stale = False
         self._concept_sum = torch.zeros(len(self.concepts), dtype=torch.float64)  # this step's, per concept
         self._concept_n = torch.zeros(len(self.concepts), dtype=torch.long)
+        self._fixed = None  # ((draws, seed), the evaluation set): drawn once, on the first evaluation
 
     # ---- state -------------------------------------------------------------------------------
     def embeddings(self) -> list[LearnedEmbedding]:
@@ -761,18 +760,22 @@ class Trainer:
             self.embeddings())
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int = 8, seed: int = 12345) -> float:
-        """Mean diffusion loss over a fixed set of draws (images, prompts, t, noise) that depends
-        only on ``seed``: a low-variance measure for comparing vectors across a run."""
-        T = self.denoiser.num_timesteps
-        total = 0.0
-        for b in range(num_batches):
-            d = self.data.draw(step_generator(seed, b, 0), self.config.batch_size,
-                               lambda n, gen: torch.randint(0, T, (n,), generator=gen))
+    def evaluate(self, draws: int = 4, seed: int = 12345) -> float:
+        """The training loss (masked where the concept has masks) averaged over a fixed set of ``draws``
+        draws per concept (images, prompts, t, noise; ``ConceptSet.fixed_draws``) that depends only on
+        ``seed``, not on the run's batch size: a low-variance measure for comparing vectors across a run."""
+        key = (draws, seed)
+        if self._fixed is None or self._fixed[0] != key:
+            n = draws * len(self.concepts)
+            self._fixed = key, self.data.fixed_draws(n, seed, self.denoiser.num_timesteps, self.config.batch_size)
+        total, count = 0.0, 0
+        for d in self._fixed[1]:
             with autocast(self.device, self.config.autocast_dtype):
                 eps = predict_eps(self.denoiser, d, self.encode_prompts(d.prompts))
-            total += float(((eps.float() - d.noise.float()) ** 2).mean())
-        return total / num_batches
+            per, _ = per_sample_mse(eps, d.noise, d.mask)
+            total += float(per.double().sum())
+            count += len(per)
+        return total / count
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, callback: Callable[[StepInfo], Any] | None = None) -> TrainResult:

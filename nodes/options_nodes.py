@@ -110,10 +110,11 @@ class TrainingOptionsNode(io.ComfyNode):
                                "w * sum ||v - v0||^2 (seeds/003's tuning-phase regulariser, with the init as the "
                                "encoder's prediction): keeps the concept near the init's words; 0 = off."),
                 io.Int.Input("score_every", default=_D.score_every, min=0, max=100000,
-                             tooltip="Score the vectors every N steps (0 = off): the diffusion loss on a fixed set of "
-                             f"{_S.batches} draws (images, noise, timesteps), so the curve is smooth and comparable "
-                             f"across steps. Each score costs {_S.batches} forward passes (about one training step "
-                             "more at batch 1); the embedding of each scored step is kept in "
+                             tooltip="Score the vectors every N steps (0 = off): the training loss (masked as "
+                             f"training masks it) on a fixed set of {_S.draws} draws per concept (images, noise, "
+                             "timesteps; the same whatever the batch size), so the curve is smooth and comparable "
+                             f"across steps and runs. Each score costs {_S.draws} forward passes per concept (about "
+                             "one training step more at batch 1); the embedding of each scored step is kept in "
                              "models/inversion_runs/<name>/snapshots. Needed by early_stop and keep = best."),
                 io.Boolean.Input("early_stop", default=_D.early_stop,
                                  tooltip="Stop when the score has flattened (DVAR, Voronov et al. 2023): the variance "

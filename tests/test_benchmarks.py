@@ -74,3 +74,17 @@ def test_steps_to_threshold_needs_a_sustained_crossing_and_reports_never():
     assert med == INF and lo <= 20.0  # most seeds never reach it: the median says so
     assert seconds_to_threshold(30, 0.5, fixed_seconds=4.0) == 19.0 and seconds_to_threshold(INF, 0.5) == INF
     assert value_at([0, 10], [0.0, 1.0], 2.5) == 0.25 and value_at([0, 10], [0.0, 1.0], 99) == 1.0
+
+
+def test_sign_flip_test_and_holm_correction():
+    """The exact sign-flip test gives 2/2^n for n equal positive differences and 1 for no difference;
+    Holm multiplies the smallest p by m, the next by m - 1, keeps them monotone and caps them at 1."""
+    from benchmarks.world_stats import holm, sign_flip_p
+
+    assert sign_flip_p([0.1] * 10) == 2 / 1024
+    assert sign_flip_p([0.0] * 10) == 1.0
+    assert sign_flip_p([0.3, -0.3]) == 1.0
+    mixed = sign_flip_p([0.2, 0.1, -0.05, 0.15, 0.1, 0.2, -0.02, 0.1, 0.12, 0.08])
+    assert 0.0 < mixed < 0.05
+    assert holm([0.01, 0.04, 0.03]) == [0.03, 0.06, 0.06]
+    assert holm([0.5, 0.001]) == [0.5, 0.002] and holm([0.9, 0.8]) == [1.0, 1.0]

@@ -246,6 +246,24 @@ def test_slerp_endpoints_norm_and_errors():
     assert torch.allclose(slerp(torch.ones(1, 4), torch.ones(1, 4), 0.3), torch.ones(1, 4))
 
 
+def test_slerp_between_opposite_vectors_stays_on_the_sphere():
+    """Exactly opposite rows have no great circle between them: the path is the half circle through a
+    fixed orthogonal direction (the linear fallback went through the zero vector at alpha 0.5)."""
+    v0 = torch.tensor([[3.0, 1.0, -2.0, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    v1 = -2 * v0
+    path = [slerp(v0, v1, a) for a in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    for a, v in zip((0.0, 0.25, 0.5, 0.75, 1.0), path):
+        want = (1 - a) * v0.norm(dim=-1) + a * v1.norm(dim=-1)
+        assert torch.isfinite(v).all() and torch.allclose(v.norm(dim=-1), want, atol=1e-5), (a, v)
+    u0 = torch.nn.functional.normalize(v0, dim=-1)
+    cos = [torch.nn.functional.cosine_similarity(v, u0, dim=-1) for v in path]
+    assert torch.allclose(cos[2], torch.zeros(2), atol=1e-6)  # halfway: orthogonal to both ends
+    assert all(bool((c1 < c0).all()) for c0, c1 in zip(cos, cos[1:]))  # monotone from v0 to v1
+    torch.testing.assert_close(path[0], v0)
+    torch.testing.assert_close(path[-1], v1, atol=1e-5, rtol=0)
+    assert torch.equal(slerp(v0, v1, 0.5), slerp(v0, v1, 0.5))  # the same path every time
+
+
 # ---- presets ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(PRESETS))

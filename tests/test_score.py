@@ -24,7 +24,7 @@ def _trainer(world, steps=6, snapshot=None, **cfg):
 def _scripted(monkeypatch, values):
     """``Trainer.evaluate`` returns ``values`` in turn (a synthetic score curve)."""
     it = iter(values)
-    monkeypatch.setattr(Trainer, "evaluate", lambda self, num_batches=8, seed=12345: float(next(it)))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, draws=4, seed=12345: float(next(it)))
 
 
 # ---- the pure rule -------------------------------------------------------------------------------
@@ -101,6 +101,34 @@ def test_the_score_is_deterministic(tiny):
     a, b = tr.evaluate(3, 7), tr.evaluate(3, 7)
     assert a == b and math.isfinite(a)
     assert tr.evaluate(3, 8) != a  # another fixed set
+
+
+def test_the_score_is_the_masked_training_loss_on_a_set_that_ignores_the_batch_size(tiny):
+    """The score is the objective training follows: with masks, the loss over the masked pixels (the
+    same ``per_sample_mse`` the step uses), on the same fixed draws at batch size 1 and 3."""
+    from inversion.loss import per_sample_mse, predict_eps
+
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    images = concept_images(4)
+    masks = torch.zeros(4, images.shape[-2], images.shape[-1])
+    masks[:, : images.shape[-2] // 2] = 1.0  # the concept is the top half
+    concept = prepare_concept(tiny.latents, images, emb, masks=masks)
+
+    def trainer(b):
+        return Trainer(tiny.text, tiny.denoiser, [concept], TrainConfig(steps=2, batch_size=b, seed=3))
+
+    one, three = trainer(1), trainer(3)
+    score = one.evaluate(5, 7)
+    assert score == pytest.approx(three.evaluate(5, 7), rel=1e-6)  # the set does not grow with B
+    draws = one.data.fixed_draws(5, 7, tiny.denoiser.num_timesteps, 5)
+    assert len(draws) == 1 and draws[0].mask is not None
+    d = draws[0]
+    with torch.no_grad():
+        eps = predict_eps(tiny.denoiser, d, one.encode_prompts(d.prompts))
+    masked, _ = per_sample_mse(eps, d.noise, d.mask)
+    unmasked = ((eps - d.noise) ** 2).flatten(1).mean(1)
+    assert score == pytest.approx(float(masked.mean()), rel=1e-6)
+    assert abs(score - float(unmasked.mean())) > 1e-4  # the old, unmasked score was another objective
 
 
 def test_scores_snapshots_and_the_best_step(tiny, monkeypatch):

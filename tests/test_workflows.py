@@ -345,3 +345,19 @@ def test_web_folder_holds_only_extension_modules_and_docs():
                 assert _web_module_problems(os.path.join(dirpath, fn), f.read()) == [], f"{rel}/{fn}"
             modules += 1
     assert modules >= 2
+
+
+def test_every_tooltip_that_names_a_default_names_the_inputs_default(schemas):
+    """A tooltip's "X (default ..." must be the input's own default (the method tooltip once said
+    interval while the node defaulted to adaptive)."""
+    wrong, named = [], 0
+    for t in PACK_IDS:
+        for group in ("required", "optional"):
+            for name, spec in (schemas[t]["input"].get(group) or {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                for word in re.findall(r"([\w.\-\[\]]+) \(default", opts.get("tooltip", "")):
+                    named += 1
+                    if word.strip("`'\"") != str(opts.get("default")):
+                        wrong.append(f"{t}.{name}: tooltip names {word!r}, default is {opts.get('default')!r}")
+    assert named >= 1
+    assert wrong == [], wrong

@@ -232,8 +232,8 @@ def test_demo_runs_end_to_end(tmp_path, world):
 
 
 def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
-    """The README's measurement script in its smoke-test form: runs, writes its JSON, table and
-    charts, and ``--replot`` rebuilds the same table from the JSON alone."""
+    """The README's measurement script in its smoke-test form: runs, measures the step costs in one
+    process, writes its JSON, table and charts, and ``--replot`` rebuilds the same table from the files."""
     import json
 
     from benchmarks import world_methods as mod  # the repository root is on sys.path (pytest's pythonpath)
@@ -243,12 +243,15 @@ def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
     names = {r["variant"] for r in data["runs"]}
     assert "vanilla [0,1000)" in names and "reference: no inversion ('thing')" in names
     run = next(r for r in data["runs"] if r["variant"] == "vanilla [0,1000)")
-    assert run["steps"] == [0, 10, 20] and len(run["concept"]) == 3 and len(run["loss"]) == 20
-    assert len(run["none"]) == 3 and run["train_seconds"] > 0
-    assert len(data["profile"]["mean"]) == 20 and data["profile_after"] is not None
+    assert run["cell"] == "user-A" and run["steps"] == [0, 10, 20] and len(run["concept"]) == 3
+    assert len(run["loss"]) == 20 and len(run["none"]) == 3 and 0.0 <= run["end"] <= 1.0
+    assert len(data["profiles"]["A"]["mean"]) == 20
+    costs = json.loads((tmp_path / "world_methods.costs.json").read_text())
+    assert costs["seconds_per_step"]["user-A"]["vanilla [0,1000)"] > 0 and costs["profile_seconds"]["A"] > 0
     table = (tmp_path / "world_methods.md").read_text()
-    assert "| vanilla [0,1000) | uniform |" in table
-    for png in ("world_accuracy_timesteps.png", "world_gt_profile.png", "world_samples.png", "world_norms.png"):
+    assert "| vanilla [0,1000) |" in table and "### user-A:" in table
+    for png in ("world_accuracy_timesteps_user-A.png", "world_accuracy_wall_clock_user-A.png", "world_gt_profile.png",
+                "world_samples.png", "world_norms.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
     (tmp_path / "world_methods.md").unlink()
     mod.replot(str(tmp_path))

@@ -126,7 +126,7 @@ def test_an_early_stop_previews_the_step_it_stops_at(comfyui, sd2, monkeypatch, 
 
     scores = iter([1.0, 1.0] + [0.5] * 30)  # DVAR (window 3) fires once the last 3 scores are flat: step 5
     monkeypatch.setattr(comfyui.mod("inversion.trainer").Trainer, "evaluate",
-                        lambda self, num_batches=8, seed=12345: float(next(scores)))
+                        lambda self, draws=4, seed=12345: float(next(scores)))
     nodes = _nodes(comfyui)
     init = harness.run_node(nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
     inputs = harness.train_inputs(
