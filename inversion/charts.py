@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .profiler import GradProfile
 from .score import best_step
 
 __all__ = ["loss_chart", "concept_series", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
@@ -461,8 +462,6 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
 
 def _best_window(edges: Sequence[float], mean: Sequence[float], T: int, width: int) -> tuple[int, int] | None:
     """The high-grad window of ``inversion.profiler.GradProfile.best_window`` (one implementation)."""
-    from .profiler import GradProfile  # local: the profiler pulls in the trainer
-
     if any(not math.isfinite(m) for m in mean) or not 1 <= width <= T:
         return None
     prof = GradProfile(torch.tensor([int(round(e)) for e in edges], dtype=torch.long),

@@ -11,9 +11,14 @@ Conventions
 - A prompt reaches an encoder as ``ids`` [B, L] plus ``slots`` [B, L]: ``slots[b, i] = j >= 0``
   means position i of prompt b is the learned vector j (of the rows handed to ``encode``), and the
   id at that position is ignored; ``-1`` means "use the token table row of ``ids[b, i]``".
-- The denoiser works with integer DDPM timesteps t in [0, num_timesteps). Whatever its
-  parameterisation (eps, v, x0), ``predict_eps`` returns the epsilon estimate, so the textual
-  inversion loss is always ||eps_hat - eps||^2 (Gal et al. 2022; seeds/000 Eq. 3).
+- The denoiser works with integer timesteps t in [0, num_timesteps): the indices of its noise
+  schedule, which may be DDPM's (abar_t) or one in sigma space (``schedule.FlowMatchingSchedule``,
+  sigma_t in (0, 1]). Whatever its parameterisation (eps, v, x0), ``predict_eps`` returns the epsilon
+  estimate. What the loss compares is the denoiser's ``objective`` (``Objective``): by default "eps",
+  ||eps_hat - eps||^2 (Gal et al. 2022; seeds/000 Eq. 3), what every SD1/SD2/SDXL trainer of
+  textual inversion uses whatever the model predicts; "v" compares v-predictions with
+  v = sqrt(abar) eps - sqrt(1 - abar) x0; "flow" compares a rectified-flow velocity with
+  eps - x0 (SD3, Flux: x_t = (1 - sigma) x0 + sigma eps). A denoiser without ``objective`` is "eps".
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ __all__ = [
     "TextEncoder",
     "TextSide",
     "Denoiser",
+    "Objective",
+    "OBJECTIVES",
     "LatentEncoder",
 ]
 
@@ -109,6 +116,25 @@ class Denoiser(Protocol):
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's epsilon estimate at ``t`` given the conditioning."""
+        ...
+
+
+OBJECTIVES = ("eps", "v", "flow")  # what the loss compares (see the module docstring)
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A denoiser whose loss is not (or not only) the epsilon MSE: it names its ``objective`` and gives
+    the prediction and the target in that objective's space."""
+
+    objective: str  # one of OBJECTIVES
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model's prediction at ``t`` in the objective's space (eps, v or velocity)."""
+        ...
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``predict`` should return for ``x_t = add_noise(x0, noise, t)``."""
         ...
 
 

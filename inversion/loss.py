@@ -3,14 +3,14 @@
     L(v) = E_{x, eps, t} || eps_theta(x_t, t, c(y(v))) - eps ||^2                     (Eq. 3)
     g(t) = E_x || grad_c || eps_theta(x_t, t, c) - eps || ||                            (Eq. 4)
 
-``predict_eps`` is the one place a draw (x0, eps, t) meets the denoiser; ``per_sample_mse`` is
-Eq. 3's inner term per sample (over a loss mask, if any); ``conditioning_grad_norms`` turns the
+``prediction_and_target`` is the one place a draw (x0, eps, t) meets the denoiser (the eps of Eq. 3,
+or the denoiser's own objective: ``host.Objective``); ``per_sample_mse`` is Eq. 3's inner term per
+sample (over a loss mask, if any); ``conditioning_grad_norms`` turns the
 gradient of the summed loss w.r.t. c into each sample's Eq. 4 norm by the chain rule, so the
 trainer gets g for free from its own backward pass; ``grad_norms_at`` measures g alone (the
 profiler), with one forward and one backward pass of the denoiser and none of the text encoder.
 
-Eq. 4 has two readings (``G_READINGS``); which one a run uses is ``TrainConfig.g_reading`` (default
-"tokens", the one the world's measurements favour: README, "Which method?"):
+Eq. 4 has two readings; ``g_reading.py`` makes each one object (its name, default and check live there):
 - "context": the gradient w.r.t. the text encoder's output c = c_theta(y(v)), [L, D] per sample
   (Eq. 4 as written: ``conditioning_grad_norms``, ``grad_norms_at``);
 - "tokens": the gradient w.r.t. the learned token rows v themselves, the quantity the optimiser
@@ -32,10 +32,8 @@ from .host import Conditioning, Denoiser
 if TYPE_CHECKING:
     from .batch import Draw
 
-__all__ = ["G_READINGS", "predict_eps", "per_sample_mse", "conditioning_grad_norms", "grad_norms_at",
+__all__ = ["predict_eps", "prediction_and_target", "draw_loss_terms", "per_sample_mse", "conditioning_grad_norms", "grad_norms_at",
            "token_grad_norms", "token_grad_norms_at"]
-
-G_READINGS = ("context", "tokens")  # what Eq. 4's gradient is taken w.r.t.: c, or the learned rows v
 
 
 def predict_eps(denoiser: Denoiser, draw: "Draw", cond: Conditioning) -> torch.Tensor:
@@ -44,10 +42,27 @@ def predict_eps(denoiser: Denoiser, draw: "Draw", cond: Conditioning) -> torch.T
     return denoiser.predict_eps(denoiser.add_noise(draw.x0, draw.noise, t), t, cond)
 
 
-def per_sample_mse(eps: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None
+def prediction_and_target(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                          cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the loss compares for (x0, noise, t): the model's prediction at x_t = add_noise(x0, noise, t)
+    and its target, in the denoiser's objective (``host.OBJECTIVES``): eps_hat and eps by default; the
+    denoiser's own ``predict`` and ``target`` when it names another objective."""
+    x_t = denoiser.add_noise(x0, noise, t)
+    if getattr(denoiser, "objective", "eps") == "eps":
+        return denoiser.predict_eps(x_t, t, cond), noise
+    return denoiser.predict(x_t, t, cond), denoiser.target(x0, noise, t)
+
+
+def draw_loss_terms(denoiser: Denoiser, draw: "Draw", cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prediction_and_target`` for a draw (its timesteps moved to the latents' device)."""
+    return prediction_and_target(denoiser, draw.x0, draw.noise, draw.t.to(draw.x0.device), cond)
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sample's mean of ||eps_hat - eps||^2 (over the mask, if any) and how many elements it averaged."""
-    err = (eps.float() - noise.float()) ** 2
+    """Each sample's mean of ||pred - target||^2 (eps_hat - eps, by default; over the mask, if any) and how
+    many elements it averaged."""
+    err = (pred.float() - target.float()) ** 2
     if mask is None:
         return err.flatten(1).mean(1), torch.full((err.shape[0],), float(err[0].numel()), device=err.device)
     n_eff = (mask.flatten(1).sum(1) * err.shape[1]).clamp_min(1e-8)
@@ -77,8 +92,8 @@ def grad_norms_at(denoiser: Denoiser, cond: Conditioning, x0: torch.Tensor, nois
     so the gradient of the summed loss w.r.t. c_i is sample i's own)."""
     ctx = cond.context.detach().requires_grad_(True)
     with torch.enable_grad():
-        eps = denoiser.predict_eps(denoiser.add_noise(x0, noise, t), t, Conditioning(ctx, cond.pooled))
-        per, n_eff = per_sample_mse(eps, noise, mask)
+        pred, target = prediction_and_target(denoiser, x0, noise, t, Conditioning(ctx, cond.pooled))
+        per, n_eff = per_sample_mse(pred, target, mask)
         grad, = torch.autograd.grad(per.sum(), ctx)
     return conditioning_grad_norms(grad, per.detach(), n_eff, 1.0)
 
@@ -112,7 +127,7 @@ def token_grad_norms_at(denoiser: Denoiser, cond: Conditioning, rows: Mapping[st
     that require grad), so the text encoder's graph is still there: one forward and one backward
     pass of the denoiser and of the text encoder for the whole batch."""
     with torch.enable_grad():
-        eps = denoiser.predict_eps(denoiser.add_noise(x0, noise, t), t, cond)
-        per, n_eff = per_sample_mse(eps, noise, mask)
+        pred, target = prediction_and_target(denoiser, x0, noise, t, cond)
+        per, n_eff = per_sample_mse(pred, target, mask)
         grads = torch.autograd.grad(per.sum(), list(rows.values()), allow_unused=True)
     return token_grad_norms(grads, per.detach(), n_eff, 1.0)

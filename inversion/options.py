@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .loss import G_READINGS
+from .g_reading import DEFAULT as DEFAULT_G_READING, check_reading
 from .presets import MethodParams
 from .prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, CaptionOptions, check_templates
 from .score import DVAR_THRESHOLD, DVAR_WINDOW, check_score_settings
@@ -40,9 +40,7 @@ class TrainingOptions:
     precision: str = "auto"  # auto (the model's own: fp16 gets dynamic loss scaling) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30 % slower
     l2_init_weight: float = 0.0  # seeds/003 Sec. 3.4's L2 pull toward the initial vectors; 0 = off
-    # Eq. 4's g w.r.t. the learned rows ("tokens") or c ("context"); on world v2 adaptive sampling with tokens was
-    # ahead of vanilla (+0.07 final accuracy, 95 % CI +0.02 to +0.12) and context was not (+0.03, CI -0.03 to +0.08)
-    g_reading: str = "tokens"
+    g_reading: str = DEFAULT_G_READING  # Eq. 4's g w.r.t. the learned rows ("tokens") or c ("context")
     score_every: int = 0  # deterministic score (score.py) every N steps; 0 = off: each costs ScoreConfig.draws forwards per concept
     early_stop: bool = False  # DVAR's rule on the scores; off until runs show it safe (issue 14)
     dvar_window: int = DVAR_WINDOW  # evaluations (DVAR's TI setting; steps when score_every = 1)
@@ -63,8 +61,7 @@ class TrainingOptions:
         a, b = self.method.interval
         if a > b:
             raise ValueError(f"interval_start ({a}) must not exceed interval_end ({b})")
-        if self.g_reading not in G_READINGS:
-            raise ValueError(f"g_reading must be one of {', '.join(G_READINGS)}, got {self.g_reading!r}")
+        check_reading(self.g_reading)
         check_score_settings(self.score_every, self.early_stop, self.dvar_window, self.dvar_threshold, self.keep)
         self.captions.validate()
         return self

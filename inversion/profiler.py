@@ -18,11 +18,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .batch import ConceptSet, autocast, step_generator
-from .host import Conditioning, Denoiser, TextSide
-from .loss import G_READINGS, grad_norms_at, token_grad_norms_at
+from .host import Denoiser, TextSide
+from .g_reading import DEFAULT as DEFAULT_G_READING, reading as g_reading_of
 from .progress import Progress
 from .prompts import OBJECT_TEMPLATES, check_templates
-from .trainer import ConceptData
+from .concepts import ConceptData
 
 __all__ = ["GradProfile", "profile_gradients"]
 
@@ -38,7 +38,7 @@ class GradProfile:
     num_timesteps: int
     t: torch.Tensor | None = None  # [n] the raw timesteps measured
     g: torch.Tensor | None = None  # [n] their g values
-    reading: str = "context"  # what g differentiates (loss.G_READINGS): c, or the learned rows
+    reading: str = "context"  # what g differentiates (g_reading.G_READINGS): c, or the learned rows
 
     @property
     def bins(self) -> int:
@@ -106,7 +106,8 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
                       bins: int = 20, samples_per_bin: int = 4, batch_size: int = 4,
                       t_range: tuple[int, int] | None = None, templates: Sequence[str] = OBJECT_TEMPLATES,
                       seed: int = 0, device: torch.device | str | None = None, autocast_dtype: str | None = None,
-                      callback: Callable[[Progress], Any] | None = None, reading: str = "tokens") -> GradProfile:
+                      callback: Callable[[Progress], Any] | None = None,
+                      reading: str = DEFAULT_G_READING) -> GradProfile:
     """Measure g(t) (Eq. 4) on the concept images with the concepts' current vectors.
 
     [t_range) (default [0, T)) is cut into ``bins`` bins; each gets ``samples_per_bin`` draws
@@ -117,13 +118,12 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     batch_size`` batches costs at most as much as that many training steps.
     ``callback(Progress(step, total))`` reports progress (batches) and may raise to cancel.
 
-    ``reading`` ("context" or "tokens", ``loss.G_READINGS``): what Eq. 4 differentiates. "tokens"
+    ``reading`` ("context" or "tokens", ``g_reading.G_READINGS``): what Eq. 4 differentiates. "tokens"
     differentiates the learned rows, through the text encoder, so the encoder cannot be cached: it
     runs forward and backward on every draw (``ConceptSet.encode_per_sample``), which adds the text
     encoder's forward and backward for ``batch_size`` prompts to every batch.
     """
-    if reading not in G_READINGS:
-        raise ValueError(f"reading must be one of {', '.join(G_READINGS)}, got {reading!r}")
+    g = g_reading_of(reading)
     T = denoiser.num_timesteps
     lo, hi = t_range if t_range is not None else (0, T)
     if not 0 <= lo < hi <= T:
@@ -141,32 +141,16 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     idx_all = data.sample_rows(gen, len(t_all), batch_size)  # a batch never mixes aspect buckets
     prompts_all = data.prompts(idx_all, gen)
     vectors = data.initial_vectors()
-    if reading == "tokens":  # leaves, so each draw's copies of the rows carry a gradient
+    if g.name == "tokens":  # leaves, so each draw's copies of the rows carry a gradient
         vectors = {k: v.requires_grad_(True) for k, v in vectors.items()}
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    with torch.no_grad():
-        unique = [p for p in dict.fromkeys(prompts_all)] if reading == "context" else []
-        for i in range(0, len(unique), 16):
-            chunk = unique[i:i + 16]
-            cond = data.encode(chunk, vectors)
-            for j, p in enumerate(chunk):
-                cache[p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
+    cache = g.precompute(data, prompts_all, vectors)
     gs = []
     n_batches = (len(t_all) + batch_size - 1) // batch_size
     for k in range(n_batches):
         sl = slice(k * batch_size, (k + 1) * batch_size)
         d = data.draw_at(gen, idx_all[sl], prompts_all[sl], t_all[sl])
-        if reading == "tokens":
-            with autocast(data.device, autocast_dtype), torch.enable_grad():
-                cond, rows = data.encode_per_sample(d.prompts, vectors)
-                gs.append(token_grad_norms_at(denoiser, cond, rows, d.x0, d.noise, d.t.to(data.device),
-                                              d.mask).cpu())
-        else:
-            ctx = torch.stack([cache[p][0] for p in d.prompts])
-            pooled = None if cache[d.prompts[0]][1] is None else torch.stack([cache[p][1] for p in d.prompts])
-            with autocast(data.device, autocast_dtype):
-                gs.append(grad_norms_at(denoiser, Conditioning(ctx, pooled), d.x0, d.noise, d.t.to(data.device),
-                                        d.mask).cpu())
+        with autocast(data.device, autocast_dtype):
+            gs.append(g.measure(denoiser, data, d, vectors, cache).cpu())
         if callback is not None:
             callback(Progress(k + 1, n_batches))
     return GradProfile.from_samples(t_all, torch.cat(gs).double(), edges, T, reading)

@@ -1,7 +1,11 @@
-"""The DDPM noise schedule (Ho et al. 2020) and conversions between parameterisations.
+"""Noise schedules: DDPM's (Ho et al. 2020), and rectified flow's in sigma space (SD3, Flux).
 
-x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t in [0, T). Stable Diffusion uses the
-"scaled_linear" betas (linear in sqrt(beta) from 0.00085 to 0.012, T = 1000).
+- ``DDPMSchedule``: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t in [0, T). Stable Diffusion uses
+  the "scaled_linear" betas (linear in sqrt(beta) from 0.00085 to 0.012, T = 1000). Conversions between
+  the eps, v and x0 parameterisations, and the v target.
+- ``FlowMatchingSchedule``: x_t = (1 - sigma_t) x0 + sigma_t eps with sigma_t = shift s / (1 + (shift - 1) s),
+  s = (t + 1) / T, t in [0, T) (SD3's time shift; shift 1 = the plain straight path); the model predicts
+  the velocity d x_t / d sigma = eps - x0 (Esser et al. 2024, rectified flow).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DDPMSchedule"]
+__all__ = ["DDPMSchedule", "FlowMatchingSchedule"]
 
 
 @dataclass
@@ -59,3 +63,47 @@ class DDPMSchedule:
     def sigmas(self) -> torch.Tensor:
         """The equivalent k-diffusion sigmas, sqrt((1 - abar) / abar)."""
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): what a v-model should predict."""
+        a, s = self._coefs(t, x0)
+        return a * noise - s * x0
+
+    def v_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar), so v = (eps - sqrt(1-abar) x_t) / sqrt(abar)."""
+        a, s = self._coefs(t, x_t)
+        return (eps - s * x_t) / a
+
+
+@dataclass
+class FlowMatchingSchedule:
+    """Rectified flow in sigma space: ``sigmas[t]`` for t in [0, T), increasing to 1 (pure noise)."""
+
+    sigmas: torch.Tensor  # [T] float64 on the CPU, in (0, 1]
+
+    @classmethod
+    def make(cls, num_timesteps: int = 1000, shift: float = 1.0) -> "FlowMatchingSchedule":
+        if num_timesteps < 1 or not shift > 0:
+            raise ValueError(f"need num_timesteps >= 1 and shift > 0, got {num_timesteps} and {shift}")
+        s = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        return cls(shift * s / (1 + (shift - 1) * s))
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.sigmas.shape[0])
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sig = self.sigmas.to(like.device)[t.to(like.device).long()].to(like.dtype)
+        return sig.view((-1,) + (1,) * (like.ndim - 1))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self._sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def velocity_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """d x_t / d sigma = eps - x0, the same at every t."""
+        return noise - x0
+
+    def eps_from_velocity(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - sigma v, so eps = x_t + (1 - sigma) v."""
+        return x_t + (1 - self._sigma(t, x_t)) * v

@@ -19,12 +19,16 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TimestepSampler", "Uniform", "Interval", "Single", "Adaptive", "high_grad", "reads_gradients"]
+__all__ = ["TimestepSampler", "FixedRange", "Uniform", "Interval", "Single", "Adaptive", "high_grad", "reads_gradients"]
 
 
 @runtime_checkable
 class TimestepSampler(Protocol):
     num_timesteps: int
+    # Whether ``observe``'s g steers the draws. Every sampler declares it: the trainer then pays for the
+    # run's g reading only where it is read (the tokens reading encodes once per sample), and records
+    # the free context reading otherwise.
+    reads_g: bool
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n integer timesteps (CPU, long)."""
@@ -48,7 +52,11 @@ class TimestepSampler(Protocol):
         ...
 
 
-class _Stateless:
+class FixedRange:
+    """Base of the samplers whose draws never depend on g: ``observe`` ignores it, no state."""
+
+    reads_g = False
+
     def observe(self, t: torch.Tensor, g: torch.Tensor) -> None:
         pass
 
@@ -63,11 +71,15 @@ class _Stateless:
 
 
 def reads_gradients(sampler: TimestepSampler) -> bool:
-    """Whether ``sampler`` uses the g values it is shown (the adaptive sampler); fixed ranges ignore them."""
-    return not isinstance(sampler, _Stateless)
+    """Whether ``sampler`` uses the g values it is shown (its ``reads_g``); a sampler that does not say is refused."""
+    reads = getattr(sampler, "reads_g", None)
+    if not isinstance(reads, bool):
+        raise TypeError(f"timestep sampler {type(sampler).__name__} must declare reads_g = True or False (whether "
+                        "observe's g steers its draws): the trainer encodes per sample only for one that reads it")
+    return reads
 
 
-class Interval(_Stateless):
+class Interval(FixedRange):
     """t ~ U{a, ..., b} (both ends included, clipped to [0, T-1])."""
 
     def __init__(self, a: int, b: int, num_timesteps: int = 1000):
@@ -116,7 +128,9 @@ def high_grad(profile, width: int = 100, num_timesteps: int | None = None) -> In
     ``profile`` is a ``GradProfile`` (``inversion.profiler``) or anything with ``best_window(width)``.
     """
     a, b = profile.best_window(width)
-    return Interval(a, b, num_timesteps or profile.num_timesteps)
+    window = Interval(a, b, num_timesteps or profile.num_timesteps)
+    window.profile_reading = getattr(profile, "reading", None)  # the trainer checks it against the run's g reading
+    return window
 
 
 class Adaptive:
@@ -132,6 +146,8 @@ class Adaptive:
     Until every bin has ``min_count`` observations the bins are drawn uniformly (unless the
     sampler is seeded with a profile, whose values stand in for the missing observations).
     """
+
+    reads_g = True
 
     def __init__(self, num_timesteps: int = 1000, bins: int = 20, explore: float = 0.1,
                  ema: float = 0.9, min_count: int = 1, profile=None):
@@ -150,6 +166,7 @@ class Adaptive:
         self.estimate = torch.zeros(bins, dtype=torch.float64)
         self.count = torch.zeros(bins, dtype=torch.long)
         self.seeded = False
+        self.profile_reading = None
         if profile is not None:
             self.seed_from(profile)
 
@@ -158,6 +175,7 @@ class Adaptive:
         centers = (self.edges[:-1] + self.edges[1:]).double() / 2
         self.estimate = profile.value_at(centers).double().clamp(min=0)
         self.seeded = True
+        self.profile_reading = getattr(profile, "reading", None)  # checked against the run's g reading
 
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
         return (torch.bucketize(t.long(), self.edges[1:], right=True)).clamp(max=self.bins - 1)

@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .batch import ConceptSet, autocast, step_generator
+from .concepts import ConceptData, prepare_concept  # noqa: F401 - also importable from here, as the README does
 from .embedding import LearnedEmbedding
-from .host import Conditioning, Denoiser, LatentEncoder, TextSide
-from .loss import G_READINGS, conditioning_grad_norms, per_sample_mse, predict_eps, token_grad_norms
+from .g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
+from .history import StepInfo, TrainHistory, TrainResult, TrainState
+from .host import Conditioning, Denoiser, TextSide
+from .loss import draw_loss_terms, per_sample_mse
+from .loss_scale import DynamicLossScale
 from .optim import AdamW, VectorOptimizer
-from .progress import Progress
 from .prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
 from .regularizers import RegContext, Regularizer
-from .score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, best_step, deterministic_score, dvar_ratio
+from .score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, deterministic_score, dvar_ratio
 from .timesteps import TimestepSampler, Uniform, reads_gradients
 
 __all__ = [
@@ -73,8 +76,7 @@ class TrainConfig:
     # What seeds/000 Eq. 4's g (the adaptive sampler's signal) differentiates: "context" = the text
     # encoder's output c (as Eq. 4 is written; free from the step's backward), "tokens" = the learned
     # rows (encodes each sample's prompt on its own copy of the rows; only samplers that read g pay it).
-    # "tokens": the better reading on the miniature world (README, "Which method?").
-    g_reading: str = "tokens"
+    g_reading: str = DEFAULT_G_READING
     # A deterministic score (``score.py``: the loss on fixed draws) every N steps; 0 = off, because
     # each costs ScoreConfig.draws forward passes per concept. Needed by early_stop and keep = "best".
     score_every: int = 0
@@ -109,8 +111,7 @@ class TrainConfig:
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             raise ValueError(f"autocast_dtype must be None, 'bf16' or 'fp16', got {self.autocast_dtype!r}")
         check_templates(self.templates)
-        if self.g_reading not in G_READINGS:
-            raise ValueError(f"g_reading must be one of {', '.join(G_READINGS)}, got {self.g_reading!r}")
+        check_reading(self.g_reading)
         check_score_settings(self.score_every, self.early_stop, self.dvar_window, self.dvar_threshold, self.keep)
         return self
 
@@ -131,248 +132,6 @@ def lr_at(config: TrainConfig, step: int, default: float = AdamW.default_lr) -> 
     return lr
 
 
-@dataclass
-class ConceptData:
-    """One concept's training data: its initial embedding and its latents, encoded once.
-
-    Images of one size give one latent table; images in several aspect buckets give one table per
-    bucket (a micro-batch draws from one table). Rows run bucket by bucket, and within a bucket its
-    images, then (if flip) their mirror images; ``captions`` and ``masks`` follow the same rows."""
-
-    embedding: LearnedEmbedding
-    latents: torch.Tensor | tuple[torch.Tensor, ...]  # [M, C, h, w], or one such table per bucket
-    captions: list[str | None] | None = None  # per row; each contains the placeholder; None = templates
-    masks: torch.Tensor | tuple[torch.Tensor, ...] | None = None  # [M, 1, h, w] loss weights (per bucket)
-
-    def tables(self) -> tuple[torch.Tensor, ...]:
-        """The latent tables, one per bucket."""
-        return (self.latents,) if isinstance(self.latents, torch.Tensor) else tuple(self.latents)
-
-    def mask_tables(self) -> tuple[torch.Tensor, ...] | None:
-        """The mask tables, one per bucket, or None."""
-        if self.masks is None:
-            return None
-        return (self.masks,) if isinstance(self.masks, torch.Tensor) else tuple(self.masks)
-
-    def __len__(self) -> int:
-        return sum(len(t) for t in self.tables())
-
-
-def _check_captions(captions, n: int, placeholder: str) -> list[str | None] | None:
-    if captions is None:
-        return None
-    captions = list(captions)
-    if len(captions) != n:
-        raise ValueError(f"got {len(captions)} captions for {n} images; give one per image (None = templates) or none")
-    bad = [c for c in captions if c is not None and placeholder not in c]
-    if bad:
-        raise ValueError(f"every caption must contain the placeholder {placeholder!r}; missing in {bad[:2]} "
-                         "(prompts.caption_for puts it in place of [name] or {}, or first)")
-    return None if all(c is None for c in captions) else captions
-
-
-def prepare_concept(latent_encoder: LatentEncoder, images: torch.Tensor | Sequence[torch.Tensor],
-                    embedding: LearnedEmbedding, *, captions: Sequence[str | None] | None = None,
-                    masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-                    flip: bool = True, batch_size: int = 4) -> ConceptData:
-    """Encode ``images`` [N, 3, H, W] in [0, 1] (and their mirror images) once.
-
-    ``images`` may also be a list of [3, H_i, W_i] (aspect buckets, ``dataset.fit(..., "bucket")``):
-    each size is encoded as its own table. ``captions``: one per image, each containing the
-    embedding's placeholder, or None for an image that trains with the templates. ``masks``
-    [N, 1, H, W] or [N, H, W] in [0, 1] (a list of [H_i, W_i] for a list of images): where the loss counts.
-    """
-    if isinstance(images, (list, tuple)):
-        return _prepare_buckets(latent_encoder, list(images), embedding, captions, masks, flip, batch_size)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"no usable concept images: expected a tensor [N, 3, H, W] with N >= 1, got {shape}; "
-                         "load at least one image of the concept")
-    if images.shape[1] != 3:
-        raise ValueError(f"concept images need 3 channels (RGB) in dim 1, got {images.shape[1]}")
-    n = images.shape[0]
-    captions = _check_captions(captions, n, embedding.placeholder)
-    batch = torch.cat([images, images.flip(-1)]) if flip else images
-    with torch.no_grad():
-        lat = torch.cat([latent_encoder.encode(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)])
-    lat = lat.detach().float()
-    mask_lat = None
-    if masks is not None:
-        m = masks.float()
-        if m.ndim == 3:
-            m = m[:, None]
-        if m.shape[0] != n or m.ndim != 4:
-            raise ValueError(f"masks must be [N, 1, H, W] with N = {n} images, got {tuple(masks.shape)}")
-        m = torch.cat([m, m.flip(-1)]) if flip else m
-        mask_lat = torch.nn.functional.interpolate(m, size=lat.shape[-2:], mode="area").clamp(0, 1)
-        empty = sorted({i % n + 1 for i in (mask_lat.flatten(1).sum(1) <= 0).nonzero().flatten().tolist()})
-        if empty:  # a flipped copy is empty exactly when its image's mask is; name each image once, 1-based
-            which = ", ".join(f"image {i} of {n}" for i in empty)
-            many = len(empty) > 1
-            raise ValueError(
-                f"masks: the concept mask{'s' if many else ''} of {which} {'are' if many else 'is'} empty at latent "
-                f"resolution, so {'those images' if many else 'that image'} would add nothing to the loss; a mask "
-                "must be 1 (white) where the concept is: paint the concept in it, remove that image, or disconnect "
-                "the masks. A MASK from ComfyUI's Load Image is 1 where the image is transparent (the opposite), so "
-                "invert it first (Invert Mask); a fully transparent image has nothing to learn from")
-    caps = None if captions is None else (captions + captions if flip else captions)
-    return ConceptData(embedding, lat, caps, mask_lat)
-
-
-def _prepare_buckets(latent_encoder, images: list, embedding, captions, masks, flip, batch_size) -> ConceptData:
-    """``prepare_concept`` for a list of images: one latent table per size, in order of first appearance."""
-    if not images or any(not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3 for x in images):
-        raise ValueError("no usable concept images: expected a non-empty list of [3, H, W] tensors (RGB); "
-                         "load at least one image of the concept")
-    n = len(images)
-    captions = _check_captions(captions, n, embedding.placeholder)
-    if masks is not None:
-        masks = list(masks)
-        if len(masks) != n:
-            raise ValueError(f"masks: got {len(masks)} masks for {n} images; give one per image (None = no mask)")
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, x in enumerate(images):
-        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
-    parts = []
-    for hw, ids in groups.items():
-        m = None
-        if masks is not None and any(masks[i] is not None for i in ids):
-            m = torch.stack([torch.ones(hw) if masks[i] is None else masks[i].float().reshape(hw) for i in ids])
-        caps = None if captions is None else [captions[i] for i in ids]
-        try:
-            parts.append(prepare_concept(latent_encoder, torch.stack([images[i] for i in ids]), embedding,
-                                         captions=caps, masks=m, flip=flip, batch_size=batch_size))
-        except ValueError as e:  # name the image by its place in the whole list, not in its bucket
-            if "image " in str(e) and "masks" in str(e):
-                raise ValueError(f"{e} (counting within the {hw[1]}x{hw[0]} bucket: images "
-                                 f"{', '.join(str(i + 1) for i in ids)} of {n})") from None
-            raise
-    if len(parts) == 1:
-        return parts[0]
-    caps = None
-    if captions is not None:
-        caps = [c for p in parts for c in (p.captions if p.captions is not None else [None] * len(p))]
-    masks_out = None
-    if any(p.masks is not None for p in parts):
-        masks_out = tuple(p.masks if p.masks is not None else torch.ones_like(p.latents[:, :1]) for p in parts)
-    return ConceptData(embedding, tuple(p.latents for p in parts), caps, masks_out)
-
-
-@dataclass
-class StepInfo(Progress):
-    """Plain per-step data handed to the callback (progress, previews, charts, cancellation).
-
-    ``step`` is the 1-based number of optimiser steps done, of ``total``."""
-
-    loss: float  # mean diffusion loss of the step (without regularisers)
-    reg_loss: float
-    lr: float
-    timesteps: list[int]
-    grad_norms: list[float]  # Eq. 4 g for each sample of the step
-    grad_norm: float  # their mean
-    vector_norms: dict[str, list[float]]  # per encoder, per learned vector, after the step
-    elapsed: float  # seconds since the run started
-    sampler: str = ""
-    g_estimate: list[float] | None = None  # adaptive sampler's per-bin g(t), if any
-    bin_edges: list[int] | None = None  # and its bin edges (timesteps)
-    target_norms: dict[str, float] | None = None  # DTI's fixed norm m* per encoder, if any
-    warnings: list[str] = field(default_factory=list)  # new this step, for the user (once per run each)
-    # Dynamic loss scaling (fp16): a skipped step changed nothing (its gradient or loss overflowed; its
-    # grad_norms are 0 and its loss the last finite one, never NaN); the scale the next step uses.
-    skipped: bool = False
-    loss_scale: float | None = None  # None without loss scaling
-    score: float | None = None  # the deterministic score (``score.py``) of this step's vectors, when scored
-    stop_reason: str | None = None  # set on the step at which the run's own rule (DVAR) stopped it
-    # Runs of several concepts only (None with one): per concept, in ``Trainer.concepts`` order, the mean
-    # diffusion loss of its samples in this step (None if the step drew none of it) and the mean norm of
-    # its vectors over every encoder, after the step.
-    concept_loss: list[float | None] | None = None
-    concept_norms: list[float] | None = None
-
-
-@dataclass
-class TrainHistory:
-    """Everything needed for plots, in plain lists."""
-
-    step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    timesteps: list[list[int]] = field(default_factory=list)
-    sample_grad_norms: list[list[float]] = field(default_factory=list)
-    vector_norm: list[float] = field(default_factory=list)  # mean over vectors and encoders
-    score_step: list[int] = field(default_factory=list)  # the steps that were scored (``score.py``)
-    score: list[float] = field(default_factory=list)  # their deterministic scores
-    # Several concepts (empty with one): per step, one value per concept (``StepInfo.concept_*``)
-    concept_loss: list[list[float | None]] = field(default_factory=list)
-    concept_vector_norm: list[list[float]] = field(default_factory=list)
-
-    def append(self, info: StepInfo) -> None:
-        if info.score is not None:
-            self.score_step.append(info.step)
-            self.score.append(float(info.score))
-        self.step.append(info.step)
-        self.loss.append(info.loss)
-        self.lr.append(info.lr)
-        self.grad_norm.append(info.grad_norm)
-        self.timesteps.append(list(info.timesteps))
-        self.sample_grad_norms.append(list(info.grad_norms))
-        norms = [x for v in info.vector_norms.values() for x in v]
-        self.vector_norm.append(sum(norms) / max(1, len(norms)))
-        if info.concept_norms is not None:
-            self.concept_vector_norm.append(list(info.concept_norms))
-            self.concept_loss.append(list(info.concept_loss or [None] * len(info.concept_norms)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainHistory":
-        """From ``to_dict()``; a history saved before a list existed gets it empty."""
-        return cls(**{k: list(v) for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def upto(self, n: int) -> "TrainHistory":
-        """The history of the first ``n`` recorded steps (scores of later steps dropped)."""
-        last = self.step[n - 1] if 0 < n <= len(self.step) else 0
-        keep = sum(1 for s in self.score_step if s <= last) if n > 0 else 0
-        d = {k: v[:keep] if k in ("score_step", "score") else v[:n] for k, v in self.to_dict().items()}
-        return TrainHistory.from_dict(d)
-
-    def best(self) -> tuple[int, float] | None:
-        """(step, score) of the lowest deterministic score, the earliest on a tie; None if never scored."""
-        return best_step(self.score_step, self.score)
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint needs to continue a run exactly: step, vectors, optimiser, sampler, history."""
-
-    step: int
-    vectors: dict[str, torch.Tensor]
-    optimizer: dict[str, torch.Tensor]
-    sampler: dict[str, Any]
-    history: TrainHistory
-
-
-@dataclass
-class TrainResult:
-    embeddings: list[LearnedEmbedding]  # the last step's vectors
-    history: TrainHistory
-    steps_done: int
-    stopped_early: bool  # before ``config.steps``: the callback asked, or the run's own rule (below)
-    stop_step: int | None = None  # the step at which early_stop's rule (DVAR) fired, if it did
-    stop_reason: str = ""  # what it saw
-
-    @property
-    def best(self) -> tuple[int, float] | None:
-        """(step, score) of the lowest deterministic score of the run; None if it was never scored."""
-        return self.history.best()
-
-    @property
-    def embedding(self) -> LearnedEmbedding:
-        return self.embeddings[0]
-
-
 class TrainingDiverged(ValueError):
     """The loss became NaN or inf, or the vectors exploded. ``embeddings`` holds the last good vectors."""
 
@@ -385,59 +144,6 @@ def _max_row_norm(table: torch.Tensor, chunk: int = 8192) -> float:
     # In chunks: a float32 copy of SDXL's clip_g table at once would be 250 MB.
     t = table.detach()
     return max(float(t[i:i + chunk].float().norm(dim=-1).max()) for i in range(0, t.shape[0], chunk))
-
-
-class DynamicLossScale:
-    """Dynamic loss scaling for fp16, the rule of ``torch.amp.GradScaler``, on the learned vectors' step.
-
-    The diffusion loss is multiplied by ``scale`` before backward, so every gradient inside the fp16
-    UNet's backward is ``scale`` times larger (small ones no longer underflow to zero), and the
-    vectors' gradients are divided by it afterwards. A step whose loss or gradient is not finite (an
-    fp16 overflow) is skipped and the scale halved; after ``growth_interval`` good steps in a row the
-    scale doubles, probing for the largest one that does not overflow. ``max_skips`` skipped steps in
-    a row stop the run: then fp16 itself is too narrow for the model, not the scale.
-
-    Start 2**16 and interval 2000 are GradScaler's defaults, which diffusers' textual inversion uses
-    (through accelerate) for ``--mixed_precision fp16``: a run of 500-5000 steps grows the scale at
-    most twice, and each probe costs at most one skipped step in 2000.
-    """
-
-    PREFIX = "loss_scale."  # its keys in ``TrainState.optimizer`` (a checkpoint's ``opt.*`` entries)
-    # Measured headroom (random full SD1.5, fp16 UNet, 64 px, t = 50/400/900): overflow at 2**24, none at
-    # 2**20; a larger image has smaller per-element gradients (the loss is a mean), so more headroom.
-    INIT_SCALE = 2.0 ** 16
-    GROWTH_INTERVAL = 2000
-
-    def __init__(self, scale: float | None = None, growth_interval: int | None = None, max_skips: int = 20):
-        self.scale = float(self.INIT_SCALE if scale is None else scale)
-        self.growth_interval = int(self.GROWTH_INTERVAL if growth_interval is None else growth_interval)
-        self.max_skips = int(max_skips)
-        self.good = 0  # good steps in a row since the scale last changed
-        self.skips = 0  # skipped steps in a row
-
-    def update(self, finite: bool) -> None:
-        """After a step: halve on an overflow, double after ``growth_interval`` good steps in a row."""
-        if not finite:
-            self.scale *= 0.5
-            self.good = 0
-            self.skips += 1
-            return
-        self.skips = 0
-        self.good += 1
-        if self.good >= self.growth_interval:
-            self.scale *= 2.0
-            self.good = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {self.PREFIX + "scale": torch.tensor(self.scale, dtype=torch.float64),
-                self.PREFIX + "good": torch.tensor(self.good), self.PREFIX + "skips": torch.tensor(self.skips)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not state:
-            return
-        self.scale = float(state[self.PREFIX + "scale"])
-        self.good = int(state[self.PREFIX + "good"])
-        self.skips = int(state[self.PREFIX + "skips"])
 
 
 class Trainer:
@@ -465,6 +171,10 @@ class Trainer:
         if self.sampler.num_timesteps != denoiser.num_timesteps:
             raise ValueError(f"timestep sampler is for T={self.sampler.num_timesteps} but the model has "
                              f"T={denoiser.num_timesteps}")
+        check_profile_reading(getattr(self.sampler, "profile_reading", None), self.config.g_reading)
+        # The run's reading of Eq. 4 where the sampler reads g; else the free context reading, recorded only
+        # (the tokens reading encodes once per sample: only a sampler that reads g pays for it).
+        self.reading = g_reading_of(self.config.g_reading if reads_gradients(self.sampler) else "context")
         self.optimizer = optimizer or AdamW()
         self.lr = self.config.lr if self.config.lr is not None else self.optimizer.default_lr
         self.regularizers = list(regularizers)
@@ -547,29 +257,16 @@ class Trainer:
     def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
         B = self.config.batch_size
         d = self.data.draw(gen, B, self.sampler.sample)
-        # The tokens reading encodes once per sample; only a sampler that reads g pays for it (the others
-        # record the context reading, which comes free, and the encoder runs once per distinct prompt).
-        tokens = self.config.g_reading == "tokens" and reads_gradients(self.sampler)
         with autocast(self.device, self.config.autocast_dtype):
-            if tokens:  # each sample reads its own copy of the rows: its gradient is that sample's alone
-                cond, rows = self.data.encode_per_sample(d.prompts, self.params)
-                for r in rows.values():
-                    r.retain_grad()
-            else:
-                cond = self.encode_prompts(d.prompts)
-                ctx = cond.context
-                ctx.retain_grad()
-            eps = predict_eps(self.denoiser, d, cond)
-        per, n_eff = per_sample_mse(eps, d.noise, d.mask)
+            cond, handle = self.reading.encode(self.data, d.prompts, self.params)
+            pred, target = draw_loss_terms(self.denoiser, d, cond)
+        per, n_eff = per_sample_mse(pred, target, d.mask)
         loss = per.mean()
         if not torch.isfinite(loss):
             return None, d.t, d.prompts
         self._tally_concepts(per.detach(), d.idx)
         (loss * scale if loss_scale == 1.0 else loss * (scale * loss_scale)).backward(retain_graph=False)
-        if tokens:
-            g = token_grad_norms([r.grad for r in rows.values()], per.detach(), n_eff, B / (scale * loss_scale))
-        else:
-            g = conditioning_grad_norms(ctx.grad, per.detach(), n_eff, B / (scale * loss_scale))
+        g = self.reading.norms(handle, per.detach(), n_eff, B / (scale * loss_scale))
         return (loss.detach(), g.cpu()), d.t, d.prompts
 
     def _tally_concepts(self, per: torch.Tensor, idx: torch.Tensor) -> None:
@@ -771,8 +468,8 @@ class Trainer:
         total, count = 0.0, 0
         for d in self._fixed[1]:
             with autocast(self.device, self.config.autocast_dtype):
-                eps = predict_eps(self.denoiser, d, self.encode_prompts(d.prompts))
-            per, _ = per_sample_mse(eps, d.noise, d.mask)
+                pred, target = draw_loss_terms(self.denoiser, d, self.encode_prompts(d.prompts))
+            per, _ = per_sample_mse(pred, target, d.mask)
             total += float(per.double().sum())
             count += len(per)
         return total / count

@@ -10,7 +10,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..inversion.options import LR_SCHEDULES, PRECISIONS, TEMPLATE_SETS, TrainingOptions
-from ..inversion.loss import G_READINGS
+from ..inversion.g_reading import G_READINGS
 from ..inversion.presets import MethodParams
 from ..inversion.prompts import CaptionOptions
 from ..inversion.score import KEEP, ScoreConfig

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from ..inversion import charts
 from ..inversion.embedding import LearnedEmbedding, validate_name
+from ..inversion.g_reading import check_profile_reading
 from ..inversion.optim import AdamW, RiemannianSGD
 from ..inversion.options import TrainingOptions
 from ..inversion.presets import PRESETS, MethodParams, build_method, prior_directions
@@ -285,9 +286,7 @@ class TrainTextualInversion(io.ComfyNode):
                 concepts=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
-        if profile is not None and profile.reading != opts.g_reading:
-            raise ValueError(f"profile: measured with g_reading = {profile.reading} but this run uses {opts.g_reading}; "
-                             "set the same g_reading on the Training Options wired into both nodes")
+        check_profile_reading(None if profile is None else profile.reading, opts.g_reading)  # before any work
         specs = [ConceptInput(name.strip(), init, images, masks, dataset), *concept_list(concepts)]
         files, resume = _open_files([c.name for c in specs], if_exists, node)
         data = [_concept(model, clip, vae, c, opts.flip) for c in specs]

@@ -19,11 +19,12 @@ from typing import Callable, Iterable
 import torch
 
 from ..host import EncoderOutput
-from ..schedule import DDPMSchedule
+from ..schedule import DDPMSchedule, FlowMatchingSchedule
 
 __all__ = [
     "HFTextEncoder",
     "ScheduledDenoiser",
+    "FlowDenoiser",
     "PixelLatents",
     "VAELatents",
     "make_clip_tokenizer",
@@ -95,16 +96,30 @@ class ScheduledDenoiser:
     """A network with a DDPM schedule as an ``inversion.host.Denoiser``.
 
     ``fn(x_t, t, context, pooled)`` returns the network output in ``prediction_type``
-    ("epsilon", "v_prediction" or "sample"); ``predict_eps`` converts it to epsilon.
+    ("epsilon", "v_prediction" or "sample"); ``predict_eps`` converts it to epsilon. ``objective``:
+    what the loss compares, "eps" (textual inversion's, the default) or "v" (``predict`` / ``target``
+    in v space, as a v-model was trained).
     """
 
-    def __init__(self, fn: Callable, schedule: DDPMSchedule, prediction_type: str = "epsilon"):
+    def __init__(self, fn: Callable, schedule: DDPMSchedule, prediction_type: str = "epsilon",
+                 objective: str = "eps"):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+        if objective not in ("eps", "v"):
+            raise ValueError(f"objective must be eps or v for a DDPM schedule, got {objective!r}")
         self.fn = fn
         self.schedule = schedule
         self.prediction_type = prediction_type
+        self.objective = objective
         self.num_timesteps = schedule.num_timesteps
+
+    def predict(self, x_t, t, cond):
+        """The prediction in the objective's space (``host.Objective``)."""
+        eps = self.predict_eps(x_t, t, cond)
+        return eps if self.objective == "eps" else self.schedule.v_from_eps(x_t, eps, t)
+
+    def target(self, x0, noise, t):
+        return noise if self.objective == "eps" else self.schedule.v_target(x0, noise, t)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.add_noise(x0, noise, t)
@@ -201,3 +216,28 @@ def make_clip_tokenizer(words: Iterable[str], folder: str | os.PathLike | None =
                             merges_file=os.path.join(folder, "merges.txt"), model_max_length=max_length)
     tok.save_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder)
+
+
+class FlowDenoiser:
+    """A velocity network on a rectified-flow schedule (``schedule.FlowMatchingSchedule``) as an
+    ``inversion.host.Denoiser`` with the "flow" objective: ``fn(x_t, t, context, pooled)`` returns
+    v_hat, compared with eps - x0; ``predict_eps`` gives x_t + (1 - sigma) v_hat for what needs eps."""
+
+    objective = "flow"
+
+    def __init__(self, fn: Callable, schedule: FlowMatchingSchedule):
+        self.fn = fn
+        self.schedule = schedule
+        self.num_timesteps = schedule.num_timesteps
+
+    def add_noise(self, x0, noise, t):
+        return self.schedule.add_noise(x0, noise, t)
+
+    def predict(self, x_t, t, cond):
+        return self.fn(x_t, t, cond.context, cond.pooled)
+
+    def target(self, x0, noise, t):
+        return self.schedule.velocity_target(x0, noise, t)
+
+    def predict_eps(self, x_t, t, cond):
+        return self.schedule.eps_from_velocity(x_t, self.predict(x_t, t, cond).to(x_t.dtype), t)
