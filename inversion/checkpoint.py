@@ -2,8 +2,8 @@
 
 A checkpoint of a run at step s is
 - ``<stem>.safetensors`` per concept: the embedding as any UI loads it (``save_embedding``), and
-- a state file: the learned vectors, the optimiser's and the timestep sampler's state, the history
-  and the step, so ``Trainer(..., resume=load_state(path))`` continues as if never stopped (every
+- a state file: the learned vectors, the optimiser's and the timestep sampler's state, the history,
+  the step, and any further parameter group's parameters and state (``grp.<name>.*``), so ``Trainer(..., resume=load_state(path))`` continues as if never stopped (every
   random draw of step s depends only on (seed, s)). Give it a folder of its own (``state_path``):
   beside the embedding (``<stem>.state.safetensors``, the default) it is listed by every UI that
   scans the embeddings folder, which ComfyUI offers as ``embedding:<stem>.state`` and A1111 logs
@@ -90,6 +90,8 @@ def save_checkpoint(trainer: Trainer, paths: Sequence[str | os.PathLike], *, ove
     _split("vec", st.vectors, tensors, extra)
     _split("opt", st.optimizer, tensors, extra)
     _split("smp", st.sampler, tensors, extra)
+    for name, entries in st.groups.items():  # further parameter groups: grp.<name>.param.* / grp.<name>.state.*
+        _split(f"grp.{name}", entries, tensors, extra)
     meta = {
         "step": str(st.step),
         "history": json.dumps(st.history.to_dict()),
@@ -145,14 +147,18 @@ def load_state(path: str | os.PathLike) -> TrainState:
     try:
         extra = json.loads(meta.get("extra", "{}"))
         parts: dict[str, dict[str, Any]] = {"vec": {}, "opt": {}, "smp": {}}
+        groups: dict[str, dict[str, Any]] = {}
         for k, v in list(tensors.items()) + list(extra.items()):
             prefix, _, name = k.partition(".")
             if prefix in parts:
                 parts[prefix][name] = v
+            elif prefix == "grp":
+                group, _, key = name.partition(".")
+                groups.setdefault(group, {})[key] = v
         if "step" not in meta or not parts["vec"]:
             raise KeyError("step" if "step" not in meta else "vectors")
         return TrainState(int(meta["step"]), parts["vec"], parts["opt"], parts["smp"],
-                          TrainHistory.from_dict(json.loads(meta.get("history", "{}"))))
+                          TrainHistory.from_dict(json.loads(meta.get("history", "{}"))), groups)
     except (KeyError, ValueError, TypeError) as e:
         raise _unusable(p, f"it is not a state this trainer wrote (missing or bad {e})") from None
 

@@ -46,6 +46,9 @@ class StepInfo(Progress):
     # its vectors over every encoder, after the step.
     concept_loss: list[float | None] | None = None
     concept_norms: list[float] | None = None
+    # Runs that train further parameter groups beside the vectors (``groups.py``; None without): per group,
+    # its report and the learning rate it stepped with.
+    groups: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -110,6 +113,9 @@ class TrainState:
     optimizer: dict[str, torch.Tensor]
     sampler: dict[str, Any]
     history: TrainHistory
+    # The other parameter groups (``groups.py``), by name: "param.<key>" the last good parameters,
+    # "state.<key>" their optimiser and schedule state. Empty for a run of the vectors alone.
+    groups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass

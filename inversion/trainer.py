@@ -22,6 +22,7 @@ from .batch import ConceptSet, autocast, step_generator
 from .concepts import ConceptData, prepare_concept  # noqa: F401 - also importable from here, as the README does
 from .embedding import LearnedEmbedding
 from .g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
+from .groups import ParamGroup, VectorGroup, check_groups
 from .history import StepInfo, TrainHistory, TrainResult, TrainState
 from .host import Conditioning, Denoiser, TextSide
 from .loss import draw_loss_terms, per_sample_mse
@@ -158,7 +159,7 @@ class Trainer:
                  optimizer: VectorOptimizer | None = None, regularizers: Sequence[Regularizer] = (),
                  device: torch.device | str | None = None, resume: TrainState | None = None,
                  checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None,
-                 snapshot: Callable[["Trainer"], None] | None = None):
+                 snapshot: Callable[["Trainer"], None] | None = None, groups: Sequence[ParamGroup] = ()):
         self.config = config.validate()
         self.text = text
         self.denoiser = denoiser
@@ -191,13 +192,22 @@ class Trainer:
         self.history = TrainHistory()
         self.step = 0
         self.scaler = DynamicLossScale() if self.config.loss_scale == "dynamic" else None
+        # What the run trains: the vectors, and any further groups (``groups.py``), each stepped in turn.
+        self.vectors = VectorGroup(self.params, self.optimizer, lambda step: lr_at(self.config, step, self.lr),
+                                   self.config.max_grad_norm)
+        self.extra_groups = list(groups)
+        self.groups = [self.vectors, *self.extra_groups]
+        check_groups(self.groups)
         if resume is not None:
             self._load_state(resume)
         else:
             self.optimizer.prepare(self.params)
         self._good = {k: v.detach().clone() for k, v in self.params.items()}
-        # The last vectors within ``norm_warn`` of the vocabulary: what an exploding run falls back to.
-        self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step))
+        self._good_groups = {g.name: g.snapshot() for g in self.extra_groups}  # the other groups' last good step
+        # The last vectors within ``norm_warn`` of the vocabulary (and the other groups' parameters of that
+        # step): what an exploding run falls back to.
+        self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step),
+                      {n: dict(v) for n, v in self._good_groups.items()})
         self._warned: set[str] = set()
         self._optimizer_stale = False
         self._concept_sum = torch.zeros(len(self.concepts), dtype=torch.float64)  # this step's, per concept
@@ -223,9 +233,12 @@ class Trainer:
         opt = {} if self._optimizer_stale else self.optimizer.state_dict()
         if self.scaler is not None:  # beside the optimiser's own keys: a checkpoint's layout is unchanged
             opt = {**opt, **self.scaler.state_dict()}
+        groups = {g.name: {**{f"param.{k}": v.detach().cpu().clone() for k, v in self._good_groups[g.name].items()},
+                           **({} if self._optimizer_stale else {f"state.{k}": v for k, v in g.state_dict().items()})}
+                  for g in self.extra_groups}
         return TrainState(self.step, {k: v.detach().cpu().clone() for k, v in self._good.items()},
                           opt, self.sampler.state_dict(),
-                          TrainHistory.from_dict(self.history.to_dict()))
+                          TrainHistory.from_dict(self.history.to_dict()), groups)
 
     def _load_state(self, s: TrainState) -> None:
         if set(s.vectors) != set(self.params):
@@ -248,6 +261,24 @@ class Trainer:
         self.optimizer.load_state_dict(opt)
         self.sampler.load_state_dict(s.sampler)
         self.history = s.history
+        self._load_groups(s.groups)
+
+    def _load_groups(self, saved: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """The other groups' parameters and state from a checkpoint; a group it lacks starts fresh (a resume
+        from an embedding file alone), a group it has that this run does not train is an error."""
+        mine = {g.name: g for g in self.extra_groups}
+        unknown = sorted(set(saved) - set(mine))
+        if unknown:
+            raise ValueError(f"resume state has parameter groups {unknown} that this run does not train "
+                             f"({sorted(mine) or 'only the vectors'}); train with the same groups to resume it")
+        for name, entries in saved.items():
+            g = mine[name]
+            params = {k[len("param."):]: v for k, v in entries.items() if k.startswith("param.")}
+            if set(params) != set(g.parameters()):
+                raise ValueError(f"resume state: group {name!r} has parameters {sorted(params)}, this run's has "
+                                 f"{sorted(g.parameters())}")
+            g.restore({k: v.to(g.parameters()[k].device) for k, v in params.items()})
+            g.load_state_dict({k[len("state."):]: v for k, v in entries.items() if k.startswith("state.")})
 
     # ---- one step ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -296,17 +327,25 @@ class Trainer:
         ctx = RegContext(self.tables, self.rows, self.initial)
         return sum(r(self.params, ctx) for r in active)
 
+    def _all_params(self):
+        """Every trainable tensor of every group."""
+        return [p for g in self.groups for p in g.parameters().values()]
+
+    def _grads_finite(self) -> bool:
+        return not any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self._all_params())
+
     def _clip(self) -> None:
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None],
-                                           self.config.max_grad_norm)
+        for g in self.groups:
+            if g.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in g.parameters().values() if p.grad is not None],
+                                               g.max_grad_norm)
 
     def train_step(self) -> StepInfo:
         """One optimiser step (``grad_accum`` micro-batches). Raises ``TrainingDiverged`` on NaN/inf.
 
         With dynamic loss scaling a NaN/inf loss or gradient skips the step instead (``StepInfo.skipped``)."""
         cfg = self.config
-        for p in self.params.values():
+        for p in self._all_params():
             p.grad = None
         self._concept_sum = torch.zeros(len(self.concepts), dtype=torch.float64)
         self._concept_n = torch.zeros(len(self.concepts), dtype=torch.long)
@@ -325,10 +364,9 @@ class Trainer:
             gs.append(res[1])
             ts.append(t)
         if self.scaler is not None:
-            if not all(bool(torch.isfinite(g).all()) for g in gs) or any(
-                    p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params.values()):
+            if not all(bool(torch.isfinite(g).all()) for g in gs) or not self._grads_finite():
                 return self._skip_step("gradient", losses, ts)
-            for p in self.params.values():
+            for p in self._all_params():
                 if p.grad is not None:
                     p.grad.div_(loss_scale)
         reg = self._reg_loss()
@@ -338,44 +376,50 @@ class Trainer:
                 raise self._diverged(f"a regulariser became NaN/inf at step {self.step + 1}")
             reg.backward()
             reg_val = float(reg.detach())
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.params.values()):
+        if not self._grads_finite():
             raise self._diverged(f"the gradient became NaN/inf at step {self.step + 1}")
         t_all, g_all = torch.cat(ts), torch.cat(gs)
         self.sampler.observe(t_all, g_all)
         self._clip()
-        lr = lr_at(cfg, self.step, self.lr)
-        self.optimizer.step(self.params, lr)
-        if not all(torch.isfinite(p).all() for p in self.params.values()):
-            raise self._diverged(f"the vectors became NaN/inf after step {self.step + 1}")
+        lrs = {g.name: g.step(self.step) for g in self.groups}
+        for g in self.groups:
+            if not all(torch.isfinite(p).all() for p in g.parameters().values()):
+                raise self._diverged(f"the {g.name} became NaN/inf after step {self.step + 1}")
         self.step += 1
         for k, v in self.params.items():
             self._good[k].copy_(v.detach())
+        for g in self.extra_groups:
+            self._good_groups[g.name] = g.snapshot()
         warnings = self._guard_norms()
         if self.scaler is not None:
             self.scaler.update(True)
-        return self._step_info(loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lr, timesteps=t_all.tolist(),
-                               grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()), warnings=warnings,
-                               loss_scale=None if self.scaler is None else self.scaler.scale)
+        return self._step_info(loss=sum(losses) / len(losses), reg_loss=reg_val, lr=lrs["vectors"],
+                               timesteps=t_all.tolist(), grad_norms=g_all.tolist(), grad_norm=float(g_all.mean()),
+                               warnings=warnings, loss_scale=None if self.scaler is None else self.scaler.scale,
+                               group_lrs=lrs)
 
-    def _step_info(self, **fields) -> StepInfo:
+    def _step_info(self, group_lrs: Mapping[str, float] | None = None, **fields) -> StepInfo:
         """The step just done as plain data: ``fields`` plus what every report carries (the vectors'
-        norms, the sampler's and the optimiser's reports)."""
+        norms, the sampler's and the vector optimiser's reports; each other group's report and rate)."""
         fields = {**self._concept_report(), **fields}
+        if self.extra_groups:
+            fields["groups"] = {g.name: {**g.report(), "lr": (group_lrs or {}).get(g.name, 0.0)}
+                                for g in self.extra_groups}
         return StepInfo(step=self.step, total=self.config.steps, elapsed=0.0, sampler=self.sampler.describe(),
                         vector_norms={k: v.detach().float().norm(dim=-1).tolist() for k, v in self.params.items()},
-                        **fields, **self.sampler.report(), **self.optimizer.report())
+                        **fields, **self.sampler.report(), **self.vectors.report())
 
     def _restore_good(self) -> None:
-        """Put the last good vectors (``_good``) back into the trainable parameters."""
-        with torch.no_grad():
-            for k, v in self.params.items():
-                v.copy_(self._good[k])
+        """Put the last good step (``_good``, ``_good_groups``) back into every group's parameters."""
+        self.vectors.restore(self._good)
+        for g in self.extra_groups:
+            g.restore(self._good_groups[g.name])
 
     def _skip_step(self, what: str, losses: list[float], ts: list[torch.Tensor]) -> StepInfo:
         """Dynamic loss scaling: the ``what`` ("loss" / "gradient") overflowed, so the step changes
         nothing (no optimiser step, no sampler observation), counts as done, and the scale halves."""
         cfg = self.config
-        for p in self.params.values():
+        for p in self._all_params():
             p.grad = None
         used = self.scaler.scale
         self.scaler.update(False)
@@ -424,11 +468,14 @@ class Trainer:
         ratio, key = self.norm_ratio()
         unit = self.vocab_norm[key]
         if cfg.norm_stop and ratio > cfg.norm_stop:
-            step, vectors, hist_len = self._sane
+            step, vectors, hist_len, others = self._sane
             with torch.no_grad():
                 for k, v in self.params.items():
                     v.copy_(vectors[k])
                     self._good[k].copy_(vectors[k])
+            for g in self.extra_groups:
+                g.restore(others[g.name])
+                self._good_groups[g.name] = g.snapshot()
             bad_step = self.step
             self.step = step
             self.history = self.history.upto(hist_len)
@@ -439,7 +486,8 @@ class Trainer:
                 f"the last within {cfg.norm_warn:g}x, are kept. Lower the learning rate (now {self.lr:g}) "
                 "or use a directional method (its norm is fixed).", self.embeddings())
         if not cfg.norm_warn or ratio <= cfg.norm_warn:
-            self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step) + 1)
+            self._sane = (self.step, {k: v.clone() for k, v in self._good.items()}, len(self.history.step) + 1,
+                          {n: dict(v) for n, v in self._good_groups.items()})
             return []
         if "norm" in self._warned:
             return []

@@ -661,3 +661,118 @@ def test_a_caption_too_long_is_an_error_before_training(tiny):
     c = prepare_concept(tiny.latents, concept_images(2), emb, captions=[long, None])
     with pytest.raises(ValueError, match="shorten the template or caption"):
         Trainer(tiny.text, tiny.denoiser, [c], TrainConfig(steps=1))
+
+
+# ---- parameter groups (issue 24) -------------------------------------------------------------------
+
+class _BiasGroup:
+    """A toy second group: a per-channel bias added to the denoiser's output, stepped by plain SGD with
+    momentum (its state), sitting out the first ``start`` steps."""
+
+    name = "bias"
+    max_grad_norm = 0.0
+
+    def __init__(self, channels: int, lr: float = 0.05, start: int = 0):
+        self.bias = torch.zeros(channels, requires_grad=True)
+        self.momentum = torch.zeros(channels)
+        self.lr, self.start = lr, start
+
+    def parameters(self):
+        return {"b": self.bias}
+
+    def step(self, step):
+        if step < self.start or self.bias.grad is None:
+            return 0.0
+        with torch.no_grad():
+            self.momentum.mul_(0.9).add_(self.bias.grad)
+            self.bias.sub_(self.lr * self.momentum)
+        return self.lr
+
+    def snapshot(self):
+        return {"b": self.bias.detach().clone()}
+
+    def restore(self, snap):
+        with torch.no_grad():
+            self.bias.copy_(snap["b"])
+
+    def state_dict(self):
+        return {"momentum": self.momentum.clone()}
+
+    def load_state_dict(self, state):
+        if state:
+            self.momentum = state["momentum"].clone()
+
+    def report(self):
+        return {"bias_norm": float(self.bias.detach().norm())}
+
+
+class _BiasedDenoiser:
+    """The tiny denoiser with the group's bias on its epsilon."""
+
+    def __init__(self, den, group):
+        self.den, self.group, self.num_timesteps = den, group, den.num_timesteps
+
+    def add_noise(self, x0, noise, t):
+        return self.den.add_noise(x0, noise, t)
+
+    def predict_eps(self, x_t, t, cond):
+        return self.den.predict_eps(x_t, t, cond) + self.group.bias.view(1, -1, 1, 1)
+
+
+def _group_run(tiny, steps, resume=None, start=2, group=None):
+    group = group or _BiasGroup(3, start=start)
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    concept = prepare_concept(tiny.latents, concept_images(4), emb)
+    tr = Trainer(tiny.text, _BiasedDenoiser(tiny.denoiser, group), [concept],
+                 TrainConfig(steps=steps, batch_size=2, seed=5, lr=5e-2), groups=[group], resume=resume)
+    return tr, group
+
+
+def test_a_second_parameter_group_trains_checkpoints_and_resumes_exactly(tiny, tmp_path):
+    """A group beside the vectors: stepped with its own optimiser and schedule (here: from step 3), reported
+    per step, saved in the checkpoint and resumed exactly; the vectors-only layout is unchanged."""
+    from inversion.checkpoint import load_state, save_checkpoint
+
+    full, g_full = _group_run(tiny, 6)
+    infos = []
+    full.run(infos.append)
+    assert [i.groups["bias"]["lr"] for i in infos] == [0.0, 0.0, 0.05, 0.05, 0.05, 0.05]
+    assert infos[-1].groups["bias"]["bias_norm"] > 0 and float(g_full.bias.detach().norm()) > 0
+
+    part, _ = _group_run(tiny, 3)
+    part.run()
+    save_checkpoint(part, [tmp_path / "toy.safetensors"], state_path=tmp_path / "state.safetensors")
+    state = load_state(tmp_path / "state.safetensors")
+    assert set(state.groups) == {"bias"} and set(state.groups["bias"]) == {"param.b", "state.momentum"}
+    resumed, g_res = _group_run(tiny, 6, resume=state)
+    resumed.run()
+    assert torch.equal(g_res.bias.detach(), g_full.bias.detach())
+    assert torch.equal(resumed.embeddings()[0].vectors["clip_l"], full.embeddings()[0].vectors["clip_l"])
+    emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+    with pytest.raises(ValueError, match="parameter groups \\['bias'\\] that this run does not train"):
+        Trainer(tiny.text, tiny.denoiser, [prepare_concept(tiny.latents, concept_images(4), emb)],
+                TrainConfig(steps=6, batch_size=2, seed=5), resume=state)
+
+
+def test_a_diverged_step_rolls_every_group_back(tiny):
+    """A NaN in the loss restores the vectors and the other group to the last good step."""
+    tr, group = _group_run(tiny, 6, start=0)
+    tr.train_step()
+    tr.train_step()
+    good_bias, good_vec = group.bias.detach().clone(), tr.params["clip_l"].detach().clone()
+    with torch.no_grad():
+        group.bias.fill_(float("nan"))  # as if the step had gone wrong
+    with pytest.raises(TrainingDiverged, match="NaN/inf"):
+        tr.train_step()
+    assert torch.equal(group.bias.detach(), good_bias) and torch.equal(tr.params["clip_l"].detach(), good_vec)
+
+
+def test_groups_are_checked_when_the_trainer_is_made(tiny):
+    group = _BiasGroup(3)
+    with pytest.raises(ValueError, match="distinct names"):
+        _group_run(tiny, 2, group=type("V", (_BiasGroup,), {"name": "vectors"})(3))
+    frozen = _BiasGroup(3)
+    frozen.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        _group_run(tiny, 2, group=frozen)
+    assert group.parameters()["b"].requires_grad
