@@ -131,10 +131,8 @@ def variants() -> list[Variant]:
         Variant(OTHER_READING, "adaptive", reading="context", settings=both),
         Variant("high-grad window", "high_grad"),
         Variant("interval [350,450] (paper's)", "interval", interval=(350, 450)),
-        Variant("single t=400 (paper's)", "single_step", single_t=400),
         Variant("directional (DTI)", "directional", group="optimiser"),
         Variant("init caption '{colour} thing'", "vanilla", init="text:{colour} " + GENERIC, group="init"),
-        Variant("L2 to init (seeds/003)", "vanilla", regularizer="l2_init", group="regulariser"),
     ]
 
 
@@ -598,41 +596,68 @@ def selected(args, setting: str) -> list[Variant]:
 
 
 def jobs(args) -> list[tuple[str, str, Variant, int]]:
-    """Every (setting, task, variant, seed) to run, in a fixed order (``--part`` takes every N-th)."""
+    """Every (setting, task, variant, seed) to run, in a fixed order: seed by seed within a setting, so a
+    run stopped part-way has the same seeds of every method (``--part`` takes every N-th job)."""
     out = []
-    for s, t in cells():
-        if args.cells and cell_name(s, t) not in args.cells:
-            continue
-        task = TASKS[t]
-        for v in selected(args, s):
-            for seed in range(task.first_seed, task.first_seed + args.seeds):
-                out.append((s, t, v, seed))
+    for s in SETTINGS:
+        for i in range(args.seeds):
+            for t, task in TASKS.items():
+                if args.cells and cell_name(s, t) not in args.cells:
+                    continue
+                out += [(s, t, v, task.first_seed + i) for v in selected(args, s)]
     return out
 
 
-def run_jobs(world, args) -> dict:
-    todo = jobs(args)
-    part, parts = (int(x) for x in args.part.split("/")) if args.part else (0, 1)
-    todo = todo[part::parts]
+def _part_files(out_dir: str, part: int) -> tuple[str, str]:
+    return (os.path.join(out_dir, f"world_methods.part-{part}.jsonl"),
+            os.path.join(out_dir, f"world_methods.part-{part}.samples.pt"))
+
+
+def _append(path: str, record: dict) -> None:
+    """One finished job per line, flushed at once: a stopped part continues where it stopped."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def _read_part(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_jobs(world, args, part: int, parts: int) -> None:
+    """This part's jobs, each appended to its part file as it finishes; jobs already there are skipped."""
+    path, samples_path = _part_files(args.out, part)
+    done = _read_part(path)
+    have = {(r["cell"], r["variant"], r["seed"]) for r in done if r.get("kind") == "run"}
+    ref_tasks = {r["task"] for r in done if r.get("kind") == "reference"}
+    samples = torch.load(samples_path, weights_only=True) if os.path.isfile(samples_path) else {}
+    todo = [j for j in jobs(args)[part::parts] if (cell_name(j[0], j[1]), j[2].name, j[3]) not in have]
+    print(f"part {part}/{parts}: {len(have)} runs done, {len(todo)} to go", flush=True)
     images, profiles = {}, {}
-    results: list[RunResult] = []
-    refs: list[RunResult] = []
     for s, t, v, seed in todo:
         task = TASKS[t]
         if t not in images:
             images[t] = task_images(world, task, args.images)
             profiles[t] = measure_profile(world, images[t], from_word(world.text, GENERIC, 1), args.quick, "tokens")
-            if part == 0:
-                refs += reference_runs(world, task, args)
+            _append(path, {"kind": "profile", "task": t, **profiles[t].to_dict(),
+                           "window": list(profiles[t].best_window(100))})
+            if part == 0 and t not in ref_tasks:
+                for r in reference_runs(world, task, args):
+                    _append(path, {"kind": "reference", "task": t, **run_to_dict(r)})
+                ref_tasks.add(t)
+        t0 = time.time()
         r = run_one(world, images[t], v, SETTINGS[s], task, seed, args, profiles[t])
-        results.append(r)
+        _append(path, {"kind": "run", **run_to_dict(r)})
+        if len(r.samples) == 2:
+            samples[f"{r.cell} {r.variant}"] = torch.cat(r.samples)
+            samples[f"task {t}: concept images"] = images[t]
+            torch.save(samples, samples_path + ".tmp")
+            os.replace(samples_path + ".tmp", samples_path)
         print(f"{r.cell} {v.name:36s} seed {seed}: concept {r.concept[-1]:.2f} end {r.end:.2f} "
-              f"(curve {['%.2f' % a for a in r.concept]}) norm {r.norm[-1]:.2f}"
+              f"(curve {['%.2f' % a for a in r.concept]}) norm {r.norm[-1]:.2f} {time.time() - t0:.0f}s"
               + (f" early {r.early}" if r.early else ""), flush=True)
-    samples = [r for r in results if len(r.samples) == 2]
-    return {"runs": [run_to_dict(r) for r in refs + results], "profiles": {t: p.to_dict() | {
-        "window": list(p.best_window(100))} for t, p in profiles.items()},
-            "samples": samples, "images": images}
 
 
 def base_data(world, args) -> dict:
@@ -686,70 +711,48 @@ def main(argv: list[str] | None = None) -> dict:
     world = load_world(args.world, judge_folder=args.judge)
     if args.costs:
         return write_costs(world, args)
-    ran = run_jobs(world, args)
-    data = base_data(world, args) | {"runs": ran["runs"], "profiles": ran["profiles"],
-                                     "wall_seconds": round(time.time() - t_start, 1)}
-    _sample_grid(args.out, ran, f"world_samples.part-{args.part.split('/')[0]}.png" if args.part else "world_samples.png")
-    name = f"world_methods.part-{args.part.split('/')[0]}.json" if args.part else "world_methods.json"
-    with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    if not args.part:  # one process: it measures the step costs too (after the runs), then draws
-        write_costs(world, args)
-        replot(args.out)
-    print(f"wrote {args.out}/{name} in {time.time() - t_start:.0f} s")
-    return data
-
-
-def _sample_grid(out_dir: str, ran: dict, name: str) -> None:
-    firsts = ran["samples"]
-    if not firsts:
-        return
-    rows, labels = [], []
-    for t, images in ran["images"].items():
-        rows.append(images)
-        labels.append(f"task {t}: concept images")
-        for r in firsts:
-            if r.cell.endswith(t):
-                rows.append(torch.cat(r.samples))
-                labels.append(f"{r.cell} {r.variant}: <c> | {EDITS[0][0][13:]}")
-    image_grid(rows, labels, scale=2).save(os.path.join(out_dir, name))
+    part, parts = (int(x) for x in args.part.split("/")) if args.part else (0, 1)
+    path = _part_files(args.out, part)[0]
+    if not args.part and os.path.isfile(path):
+        os.remove(path)  # one process: always a fresh run (parts continue where they stopped)
+    _append(path, {"kind": "meta", **base_data(world, args)})
+    run_jobs(world, args, part, parts)
+    print(f"part {part}/{parts} done in {time.time() - t_start:.0f} s")
+    if args.part:
+        return {}
+    write_costs(world, args)  # one process: it measures the step costs too (after the runs), then joins
+    return merge_parts(args.out, 1)
 
 
 def merge_parts(out_dir: str, parts: int) -> dict:
-    """Join the parts' runs into one world_methods.json (jobs in the benchmark's order) and redraw."""
-    datas = []
-    for i in range(parts):
-        with open(os.path.join(out_dir, f"world_methods.part-{i}.json"), encoding="utf-8") as f:
-            datas.append(json.load(f))
-    merged = dict(datas[0])
+    """Join the parts' files into one world_methods.json (jobs in the benchmark's order) and the sample
+    grid, then draw the tables and charts."""
+    records = [r for i in range(parts) for r in _read_part(_part_files(out_dir, i)[0])]
+    meta = next(r for r in records if r["kind"] == "meta")
     order = [v.name for v in variants()]
-    refs = [r for d in datas for r in d["runs"] if r["variant"].startswith("reference")]
-    runs = sorted((r for d in datas for r in d["runs"] if not r["variant"].startswith("reference")),
-                  key=lambda r: (r["cell"], order.index(r["variant"]), r["seed"]))
-    merged.update(runs=refs + runs, profiles={k: v for d in datas for k, v in d["profiles"].items()},
-                  wall_seconds=max(d["wall_seconds"] for d in datas), device=f"{parts} processes: " + datas[0]["device"])
+    runs = {}
+    for r in records:  # a job run twice (a part restarted by hand) counts once: the later run
+        if r["kind"] in ("run", "reference"):
+            runs[(r["kind"], r["cell"], r["variant"], r["seed"])] = {k: v for k, v in r.items() if k not in ("kind", "task")}
+    refs = [v for k, v in runs.items() if k[0] == "reference"]
+    trained = sorted((v for k, v in runs.items() if k[0] == "run"),
+                     key=lambda r: (r["cell"], order.index(r["variant"]), r["seed"]))
+    profiles = {r["task"]: {k: v for k, v in r.items() if k not in ("kind", "task")}
+                for r in records if r["kind"] == "profile"}
+    data = {k: v for k, v in meta.items() if k != "kind"} | {"runs": refs + trained, "profiles": profiles,
+                                                             "device": f"{parts} process(es): " + meta["device"]}
     with open(os.path.join(out_dir, "world_methods.json"), "w", encoding="utf-8") as f:
-        json.dump(merged, f, separators=(",", ":"))
-    _stack_samples(out_dir, parts)
-    return replot(out_dir)
-
-
-def _stack_samples(out_dir: str, parts: int) -> None:
-    """The parts' sample grids one under the other, as world_samples.png."""
-    from PIL import Image
-
-    paths = [os.path.join(out_dir, f"world_samples.part-{i}.png") for i in range(parts)]
-    grids = [Image.open(p).convert("RGB") for p in paths if os.path.isfile(p)]
-    if grids:
-        canvas = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), (255, 255, 255))
-        y = 0
-        for g in grids:
-            canvas.paste(g, (0, y))
-            y += g.height
-        canvas.save(os.path.join(out_dir, "world_samples.png"))
-    for p in paths:
+        json.dump(data, f, separators=(",", ":"))
+    samples = {}
+    for i in range(parts):
+        p = _part_files(out_dir, i)[1]
         if os.path.isfile(p):
-            os.remove(p)
+            samples.update(torch.load(p, weights_only=True))
+    if samples:
+        labels = sorted(samples, key=lambda k: (k.split(" ")[0].split("-")[-1] if "task" not in k else k[5],
+                                                "task" not in k, k))
+        image_grid([samples[k] for k in labels], labels, scale=2).save(os.path.join(out_dir, "world_samples.png"))
+    return replot(out_dir)
 
 
 def replot(out_dir: str) -> dict:
