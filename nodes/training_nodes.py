@@ -27,7 +27,7 @@ from ..inversion.options import TrainingOptions
 from ..inversion.presets import PRESETS, MethodParams, build_method, prior_directions
 from ..inversion.profiler import profile_gradients
 from ..inversion.regularizers import L2Norm, L2ToInit, contrastive
-from ..inversion.trainer import ConceptData, TrainConfig, Trainer, prepare_concept
+from ..inversion.trainer import ConceptData, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_models, training_host,
                          training_precision, with_compute_dtype)
@@ -300,9 +300,9 @@ class TrainTextualInversion(io.ComfyNode):
             previews, model, clip, vae, node, *concept_pixels(own.images, own.masks, own.dataset))
         with training_host(model, clip) as host, _memory(model, opts):
             autocast_dtype, loss_scale = training_precision(host, opts.precision)
-            config = _config(opts, steps=steps, batch_size=batch_size * len(data), seed=seed,
-                             lr=learning_rate or None, autocast_dtype=autocast_dtype, loss_scale=loss_scale,
-                             balance_concepts=len(data) > 1)
+            config = opts.train_config(steps=steps, batch_size=batch_size * len(data), seed=seed,
+                                       lr=learning_rate or None, autocast_dtype=autocast_dtype, loss_scale=loss_scale,
+                                       balance_concepts=len(data) > 1)
             m = _method(method, host, opts, profile, specs, data)
             trainer = Trainer(host.text_side, host.denoiser, data, config, timesteps=m.sampler,
                               optimizer=m.optimizer, regularizers=_regularizers(opts, len(data)),
@@ -368,15 +368,6 @@ def _image_metadata(images, dataset) -> dict[str, str]:
         sizes = sorted({f"{img.shape[-1]}x{img.shape[-2]}" for img in dataset.images})
         return {"images": str(len(dataset.images)), "resolution": ",".join(sizes)}
     return {"images": str(images.shape[0]), "resolution": f"{images.shape[2]}x{images.shape[1]}"}
-
-
-def _config(opts: TrainingOptions, **run) -> TrainConfig:
-    """The run's TrainConfig: what every run sets (steps, batch, seed, lr, precision) plus the options."""
-    return TrainConfig(templates=opts.template_list(), flip=opts.flip, checkpoint_every=opts.checkpoint_every,
-                       grad_accum=opts.grad_accum, lr_schedule=opts.lr_schedule, warmup_steps=opts.warmup_steps,
-                       max_grad_norm=opts.max_grad_norm, captions=opts.captions, score_every=opts.score_every,
-                       early_stop=opts.early_stop, dvar_window=opts.dvar_window, dvar_threshold=opts.dvar_threshold,
-                       keep=opts.keep, g_reading=opts.g_reading, **run)
 
 
 def _memory(model, opts: TrainingOptions):

@@ -272,3 +272,30 @@ def test_slerp_and_save_formats(comfyui, sd15):
     path = run(comfyui, n.SaveEmbedding, embedding=mid, name="", format="diffusers", overwrite=False).args[0]
     assert path.endswith("slerp-a-slerp-b-0.50.safetensors") and os.path.isfile(path)
     assert comfyui.mod("inversion.formats").detect_format(path) == "diffusers"
+
+
+def test_training_options_node_is_built_from_the_declaration(comfyui):
+    """Training Options' inputs are ``TrainingOptions``' widget fields in order, with their defaults, ranges
+    and choices; a new option (a subclass with one more field) becomes one more input, last; the node
+    builds the options from its widgets by name, a widget a saved workflow lacks keeping its default."""
+    from dataclasses import dataclass
+
+    opts_mod = comfyui.mod("inversion.options")
+    nodes_mod = comfyui.mod("nodes.options_nodes")
+    node = nodes_mod.TrainingOptionsNode
+    inputs = node.define_schema().inputs
+    assert [i.id for i in inputs] == [f.name for f in opts_mod.widget_fields()]
+    defaults = opts_mod.TrainingOptions()
+    assert all(i.default == getattr(defaults, i.id) for i in inputs)
+    combo = next(i for i in inputs if i.id == "precision")
+    assert list(combo.options) == list(opts_mod.PRECISIONS)
+
+    @dataclass(frozen=True)
+    class More(opts_mod.TrainingOptions):
+        norm_warn: float = opts_mod.option(8.0, "Warn past this norm ratio.", min=0.0, max=100.0)
+
+    more = nodes_mod.option_inputs(More)
+    assert [i.id for i in more] == [i.id for i in inputs] + ["norm_warn"]
+    assert more[-1].min == 0.0 and more[-1].max == 100.0 and more[-1].tooltip == "Warn past this norm ratio."
+    built = harness.run_node(node, interval_start=10, interval_end=20, g_reading="context").args[0]
+    assert built.method.interval == (10, 20) and built.g_reading == "context" and built.keep == defaults.keep
