@@ -14,12 +14,13 @@
   which writes the lowest-score step's vectors as the finished file (the state keeps the last step,
   so resume continues the run). A fresh run clears the snapshots of an earlier run of that name.
 
-A run of several concepts (``RunGroup``: the trainer's own concept plus Add Concept's) keeps each
-concept's files by these rules, each in its own ``models/inversion_runs/<name>/`` (its snapshots,
-its unfinished embedding), and one state for the whole run (the concepts share the optimiser, the
-sampler and the history) in the first concept's folder, which lists the concepts in order; resume
-needs the same concepts in the same order. ``if_exists`` applies to each file; a cancelled run
-replaces none of them; two concepts of one name are refused.
+One type, ``RunFiles``, holds the files of a run of one concept or of several (the trainer's own
+concept plus Add Concept's): each concept's files (``ConceptFiles``) by these rules, each in its own
+``models/inversion_runs/<name>/`` (its snapshots, its unfinished embedding), and one state for the
+whole run (the concepts share the optimiser, the sampler and the history) in the first concept's
+folder, which lists the concepts in order; resume needs the same concepts in the same order.
+``if_exists`` applies to each file; a cancelled run replaces none of them; two concepts of one name
+are refused.
 
 Older versions wrote ``<name>.state.safetensors`` beside the embedding; ``migrate_side_files``
 moves those (only files whose header is a training state) into the runs folder.
@@ -48,7 +49,7 @@ from ..inversion.trainer import Trainer, TrainHistory, TrainingDiverged, TrainRe
 from .comfy_run import embedding_path, warn_user
 from .folders import RUNS  # registered with folder_paths there, with the pack's other model folders
 
-__all__ = ["RUNS", "RunFiles", "RunGroup", "runs_dir", "migrate_side_files", "check_names"]
+__all__ = ["RUNS", "RunFiles", "ConceptFiles", "runs_dir", "migrate_side_files", "check_names"]
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def _mismatch(state: Path, ran: list[str], names: list[str]) -> ValueError:
 
 
 @dataclass
-class RunFiles:
-    """The files of one concept's run, and whether its embedding file is protected."""
+class ConceptFiles:
+    """The files of one concept of a run, and whether its embedding file is protected."""
 
     name: str
     embedding: Path  # models/embeddings/<name>.safetensors
@@ -143,6 +144,7 @@ class RunFiles:
 
     @property
     def state(self) -> Path:
+        """Where a run whose first concept this is keeps its state."""
         return self.folder / "state.safetensors"
 
     @property
@@ -155,11 +157,11 @@ class RunFiles:
 
     @property
     def unfinished(self) -> Path:
-        """The run's embedding while ``embedding`` is protected (beside its state)."""
+        """The run's embedding while ``embedding`` is protected (in its run folder)."""
         return self.folder / f"{self.name}.safetensors"
 
     @classmethod
-    def of(cls, name: str, node: str | None = None) -> "RunFiles":
+    def of(cls, name: str, node: str | None = None) -> "ConceptFiles":
         """The files of concept ``name`` (nothing is read or written)."""
         try:
             path = Path(embedding_path(name))
@@ -167,61 +169,7 @@ class RunFiles:
             raise ValueError(f"name: {e}") from None
         return cls(name, path, runs_dir() / name, protected=path.exists(), node=node)
 
-    @classmethod
-    def open(cls, name: str, if_exists: str, node: str | None = None) -> tuple["RunFiles", TrainState | None]:
-        """The run's files, and the state to resume from (None: a fresh run). Errors name the input."""
-        if if_exists not in IF_EXISTS:
-            raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}, got {if_exists!r}")
-        files = cls.of(name, node)
-        migrate_side_files(name)
-        path, exists = files.embedding, files.embedding.exists()
-        if exists and if_exists == "error":
-            raise ValueError(f"name: {path} already exists. Choose another name, or set if_exists to 'overwrite' "
-                             "(train anew; the file is replaced when the new run completes) or 'resume' (continue "
-                             "training it). If you queued an unchanged graph again, this is your last run's file: "
-                             "ComfyUI (v0.33+) dropped that run's result from its cache to free RAM and so ran the "
-                             "trainer again; load the file with Load Embedding, or start ComfyUI with "
-                             "--cache-classic to keep results cached")
-        if if_exists != "resume":
-            return files, None
-        return files, files._resume_state()
-
-    def _resume_state(self) -> TrainState | None:
-        exists = self.embedding.exists()
-        meta = read_state_meta(self.state) if self.state.exists() else None
-        if self.state.exists() and meta is None:
-            load_state(self.state)  # raises the StateFileError that says what to do
-        ran = [c.get("name") for c in _state_concepts(meta)] if meta is not None else []
-        if len(ran) > 1:  # the state of a run of several concepts: resuming one of them alone cannot be exact
-            raise _mismatch(self.state, ran, [self.name])
-        if meta is not None and meta.get("embeddings_written") == "0":
-            state = load_state(self.state)  # an unfinished run that had not earned the file yet
-            if exists:
-                warn_user(self.node, f"resuming the unfinished run of {self.name} at step {state.step} (kept in "
-                          f"{self.folder}); {self.embedding.name} is replaced only when it completes")
-            return state
-        if not exists:
-            return None
-        if meta is not None:
-            state = load_state(self.state)
-            emb = load_embedding(self.embedding)
-            if _same_vectors(state.vectors, emb.vectors) or self._is_best_of(emb, state):
-                self.protected = False  # the file is this run's own checkpoint (or its best step)
-                return state
-            warn_user(self.node, f"{self.state} does not match {self.embedding.name} (the file was replaced after "
-                      "that run): resuming from the embedding alone; the optimiser restarts")
-        self.protected = False
-        return state_from_embedding(self.embedding)
-
-    def checkpoint(self, trainer: Trainer) -> Path:
-        """Save the run so far: into models/embeddings, or beside its state while that file is protected."""
-        if self.protected:
-            save_embedding(trainer.embeddings()[0], self.unfinished, overwrite=True)
-            save_checkpoint(trainer, [self.embedding], state_path=self.state, write_embeddings=False)
-            return self.unfinished
-        return save_checkpoint(trainer, [self.embedding], state_path=self.state)[0]
-
-    def _is_best_of(self, emb: LearnedEmbedding, state: TrainState) -> bool:
+    def is_best_of(self, emb: LearnedEmbedding, state: TrainState) -> bool:
         """``emb`` is the best step that ``keep = "best"`` wrote from this run's own snapshot."""
         step = emb.metadata.get("best_step", "")
         if emb.metadata.get("keep") != "best" or not step.isdigit() or int(step) > state.step:
@@ -231,10 +179,6 @@ class RunFiles:
             return path.is_file() and _same_vectors(load_embedding(path).vectors, emb.vectors)
         except (OSError, ValueError):
             return False
-
-    def snapshot(self, trainer: Trainer) -> Path:
-        """Keep the embedding of a scored step (the trainer's ``snapshot`` callback), with its score."""
-        return self.save_snapshot(trainer.embeddings()[0], trainer)
 
     def save_snapshot(self, emb: LearnedEmbedding, trainer: Trainer) -> Path:
         """``emb`` (this concept's vectors at the trainer's step) as that step's snapshot, with its score."""
@@ -253,7 +197,8 @@ class RunFiles:
                 path.unlink(missing_ok=True)
 
     def best(self, trainer: Trainer) -> LearnedEmbedding | None:
-        """The run's best step (lowest score) from its snapshot, with metadata naming it; None if unscored."""
+        """The run's best step (lowest score) from this concept's snapshot, with metadata naming it; None if
+        unscored or if the snapshot is missing (said in a toast)."""
         best = trainer.history.best()
         if best is None:
             return None
@@ -268,76 +213,28 @@ class RunFiles:
                              "steps_trained": str(trainer.step)})
         return emb
 
-    def stopped(self, trainer: Trainer, start: int, why: str) -> Path | None:
-        """Keep what a cancelled or diverged run learned, without replacing a file it has not earned."""
-        if trainer.step <= start:
-            return None
-        where = self.checkpoint(trainer)
-        if self.protected:
-            warn_user(self.node, f"{why} at step {trainer.step}: {self.embedding.name} (an earlier run) is unchanged; "
-                      f"this run's vectors are in {where}. Queue again with if_exists = resume to continue it")
-        else:
-            log.info("%s at step %d; saved %s", why, trainer.step, where)
-        return where
-
-    def finish(self, trainer: Trainer) -> tuple[Path, LearnedEmbedding]:
-        """The run completed: it has earned the embedding file. With ``keep = "best"`` the file holds
-        the best step's vectors (the state still the last step's). Returns the file and what it holds."""
-        self.protected = False
-        written = self.checkpoint(trainer)
-        kept = self.best(trainer) if trainer.config.keep == "best" else None
-        if kept is not None:
-            written = save_embedding(kept, self.embedding, overwrite=True)
-        self.unfinished.unlink(missing_ok=True)
-        return written, kept if kept is not None else trainer.embeddings()[0]
-
-    def run(self, trainer: Trainer, callback) -> tuple[TrainResult, Path]:
-        """Train to the end and write the embedding it has earned; on Cancel keep what it learned.
-
-        Cancel (ComfyUI's ``InterruptProcessingException``, raised by ``callback`` or before the first
-        step) propagates after ``stopped``; a divergence becomes a ValueError that says what was kept.
-        """
-        result, written = _run_to_end(self, trainer, callback)
-        return result, written[0]
-
-    def finish_all(self, trainer: Trainer) -> tuple[list[Path], list[LearnedEmbedding]]:
-        """``finish`` as lists (one concept), for ``_run_to_end``."""
-        written, kept = self.finish(trainer)
-        return [written], [kept]
-
     def fingerprint(self) -> str:
         """Changes when a resume would start from somewhere else."""
         return "|".join(f"{os.path.getmtime(p)}" if p.exists() else "-" for p in (self.embedding, self.state))
 
 
-def _run_to_end(files: "RunFiles | RunGroup", trainer: Trainer, callback) -> tuple[TrainResult, list[Path]]:
-    """``RunFiles.run`` / ``RunGroup.run``: train, write what the run earned, keep what a stopped one learned."""
-    start = trainer.step
-    files.clear_snapshots(after=start)
-    try:
-        comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
-        result = trainer.run(callback)
-    except comfy.model_management.InterruptProcessingException:
-        files.stopped(trainer, start, "cancelled")
-        raise
-    except TrainingDiverged as e:
-        where = files.stopped(trainer, start, "diverged")
-        kept = (f"Saved the last good vectors (step {trainer.step}) to {where}." if where else
-                "Nothing was saved: no step of this run was usable.")
-        raise ValueError(f"{e} {kept}") from None
-    written, kept = files.finish_all(trainer)
-    if result.stop_step is not None:
-        log.info("%s; wrote %s", result.stop_reason, ", ".join(str(p) for p in written))
-    return replace(result, embeddings=kept), written
+def _exists_message(existing: list[Path]) -> str:
+    one = len(existing) == 1
+    return (f"name: {', '.join(str(p) for p in existing)} already exist{'s' if one else ''}. Choose "
+            f"{'another name' if one else 'other names'}, or set if_exists to 'overwrite' (train anew; "
+            f"{'the file is' if one else 'each file is'} replaced when the new run completes) or 'resume' (continue "
+            f"{'training it' if one else 'the run of these concepts'}). If you queued an unchanged graph again, "
+            f"{'this is' if one else 'these are'} your last run's file{'' if one else 's'}: ComfyUI (v0.33+) dropped "
+            "that run's result from its cache to free RAM and so ran the trainer again; load the file with Load "
+            "Embedding, or start ComfyUI with --cache-classic to keep results cached")
 
 
 @dataclass
-class RunGroup:
-    """The files of a run of several concepts: each concept's ``RunFiles`` (its embedding, and its folder
-    with its snapshots and unfinished embedding), and one state for the whole run in the first
-    concept's folder (``models/inversion_runs/<first name>/state.safetensors``)."""
+class RunFiles:
+    """The files of a training run of one concept or several: each concept's ``ConceptFiles``, and one state
+    for the whole run in the first concept's folder (``models/inversion_runs/<first name>/state.safetensors``)."""
 
-    members: list[RunFiles]
+    members: list[ConceptFiles]
     node: str | None = None
 
     @property
@@ -354,23 +251,29 @@ class RunGroup:
         return any(m.protected for m in self.members)
 
     @classmethod
-    def open(cls, names: Sequence[str], if_exists: str, node: str | None = None
-             ) -> tuple["RunGroup", TrainState | None]:
-        """The run's files and the state to resume from (None: a fresh run). ``if_exists`` applies to each file."""
+    def of(cls, names: str | Sequence[str], node: str | None = None) -> "RunFiles":
+        """The files of a run of ``names`` (a name, or the concepts in order); nothing is read or written."""
+        names = [names] if isinstance(names, str) else list(names)
+        return cls([ConceptFiles.of(n, node) for n in names], node)
+
+    @classmethod
+    def open(cls, names: str | Sequence[str], if_exists: str, node: str | None = None
+             ) -> tuple["RunFiles", TrainState | None]:
+        """The run's files and the state to resume from (None: a fresh run). ``if_exists`` applies to each file;
+        errors name the input."""
         if if_exists not in IF_EXISTS:
             raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}, got {if_exists!r}")
+        names = [names] if isinstance(names, str) else list(names)
         check_names(names)
-        group = cls([RunFiles.of(n, node) for n in names], node)
+        files = cls.of(names, node)
         for n in names:
             migrate_side_files(n)
-        existing = [m.embedding for m in group.members if m.embedding.exists()]
+        existing = [m.embedding for m in files.members if m.embedding.exists()]
         if existing and if_exists == "error":
-            raise ValueError(f"name: {', '.join(str(p) for p in existing)} already exist{'s' if len(existing) == 1 else ''}"
-                             ". Choose other names, or set if_exists to 'overwrite' (train anew; each file is replaced "
-                             "when the new run completes) or 'resume' (continue the run of these concepts)")
+            raise ValueError(_exists_message(existing))
         if if_exists != "resume":
-            return group, None
-        return group, group._resume_state()
+            return files, None
+        return files, files._resume_state()
 
     def _resume_state(self) -> TrainState | None:
         meta = read_state_meta(self.state) if self.state.exists() else None
@@ -378,24 +281,29 @@ class RunGroup:
             load_state(self.state)  # raises the StateFileError that says what to do
         if meta is None:
             self._check_order()
-        if meta is not None:
-            ran = [c.get("name") for c in _state_concepts(meta)]
-            if ran != self.names:
-                raise _mismatch(self.state, ran, self.names)
+            return self._from_embeddings()
+        ran = [c.get("name") for c in _state_concepts(meta)]
+        if ran != self.names:
+            raise _mismatch(self.state, ran, self.names)
+        if meta.get("embeddings_written") == "0":  # an unfinished run that had not earned every file yet
             state = load_state(self.state)
-            if meta.get("embeddings_written") == "0":  # an unfinished run that had not earned every file yet
-                kept = [m.embedding.name for m in self.members if m.embedding.exists()]
-                if kept:
-                    warn_user(self.node, f"resuming the unfinished run of {', '.join(self.names)} at step {state.step}"
-                              f" (its state in {self.state.parent}); {', '.join(kept)} are replaced only when it "
-                              "completes")
-                return state
-            if self._owns_files(state, meta):
-                for m in self.members:
-                    m.protected = False
-                return state
-            warn_user(self.node, f"{self.state} does not match the embedding files of {', '.join(self.names)} (a file "
-                      "was replaced after that run): resuming from the embeddings alone; the optimiser restarts")
+            kept = [m.embedding.name for m in self.members if m.embedding.exists()]
+            if kept:
+                one = len(kept) == 1
+                warn_user(self.node, f"resuming the unfinished run of {', '.join(self.names)} at step {state.step} "
+                          f"(kept in {self.state.parent}); {', '.join(kept)} {'is' if one else 'are'} replaced only "
+                          "when it completes")
+            return state
+        if not any(m.embedding.exists() for m in self.members):
+            return None  # the files that run wrote are gone: train anew
+        state = load_state(self.state)
+        if self._owns_files(state, meta):
+            for m in self.members:
+                m.protected = False
+            return state
+        warn_user(self.node, f"{self.state} does not match the embedding file{'s' if len(self.members) > 1 else ''} of "
+                  f"{', '.join(self.names)} (replaced after that run): resuming from the embedding"
+                  f"{'s' if len(self.members) > 1 else ''} alone; the optimiser restarts")
         return self._from_embeddings()
 
     def _check_order(self) -> None:
@@ -417,7 +325,7 @@ class RunGroup:
                 return False
             emb = load_embedding(m.embedding)
             mine = TrainState(state.step, rows, {}, {}, state.history)
-            if not (_same_vectors(rows, emb.vectors) or m._is_best_of(emb, mine)):
+            if not (_same_vectors(rows, emb.vectors) or m.is_best_of(emb, mine)):
                 return False
         return True
 
@@ -430,16 +338,18 @@ class RunGroup:
             raise ValueError(f"if_exists = resume: {', '.join(str(m.embedding) for m in missing)} do not exist, but "
                              "resume continues every concept of the run from its file. Set if_exists = overwrite "
                              "to train them all anew, or remove the concepts that have no file from the run")
+        for m in self.members:
+            m.protected = False
+        if len(self.members) == 1:
+            return state_from_embedding(self.members[0].embedding)
         embs = [load_embedding(m.embedding) for m in self.members]
         keys = set(embs[0].vectors)
         vectors = {k: torch.cat([e.vectors[k].float() for e in embs]) for k in keys if all(k in e.vectors for e in embs)}
         step = min(int(e.metadata.get("steps", "0") or 0) for e in embs)
-        for m in self.members:
-            m.protected = False
         return TrainState(step, vectors, {}, {}, TrainHistory())
 
     def checkpoint(self, trainer: Trainer) -> list[Path]:
-        """Save the run so far: each concept's embedding (beside its state while its file is protected) and the
+        """Save the run so far: each concept's embedding (in its run folder while its file is protected) and the
         run's state. Returns where each concept's vectors went."""
         paths = [m.embedding for m in self.members]
         if not self.protected:
@@ -450,7 +360,7 @@ class RunGroup:
         return out
 
     def snapshot(self, trainer: Trainer) -> list[Path]:
-        """Keep every concept's embedding of a scored step, each in its own folder."""
+        """Keep every concept's embedding of a scored step, each in its own folder (the trainer's ``snapshot``)."""
         return [m.save_snapshot(e, trainer) for m, e in zip(self.members, trainer.embeddings())]
 
     def clear_snapshots(self, after: int = 0) -> None:
@@ -464,15 +374,16 @@ class RunGroup:
         where = self.checkpoint(trainer)
         kept = [m.embedding.name for m in self.members if m.protected]
         if kept:
-            warn_user(self.node, f"{why} at step {trainer.step}: {', '.join(kept)} (an earlier run) unchanged; this "
-                      f"run's vectors are in {', '.join(str(p) for p in where)}. Queue again with if_exists = resume "
-                      "to continue it")
+            warn_user(self.node, f"{why} at step {trainer.step}: {', '.join(kept)} (an earlier run) "
+                      f"{'is ' if len(kept) == 1 else ''}unchanged; this run's vectors are in "
+                      f"{', '.join(str(p) for p in where)}. Queue again with if_exists = resume to continue it")
         else:
             log.info("%s at step %d; saved %s", why, trainer.step, ", ".join(str(p) for p in where))
         return where
 
-    def finish_all(self, trainer: Trainer) -> tuple[list[Path], list[LearnedEmbedding]]:
-        """The run completed: every concept's file is earned (``keep = "best"``: each holds the run's best step)."""
+    def finish(self, trainer: Trainer) -> tuple[list[Path], list[LearnedEmbedding]]:
+        """The run completed: every concept's file is earned (``keep = "best"``: each holds the run's best step,
+        the state still the last step's). Returns the files written and what each holds."""
         for m in self.members:
             m.protected = False
         written = self.checkpoint(trainer)
@@ -488,8 +399,28 @@ class RunGroup:
         return written, kept
 
     def run(self, trainer: Trainer, callback) -> tuple[TrainResult, list[Path]]:
-        """``RunFiles.run`` for every concept: the result (each concept's kept embedding) and the files written."""
-        return _run_to_end(self, trainer, callback)
+        """Train to the end and write the embeddings the run has earned; on Cancel keep what it learned.
+
+        Cancel (ComfyUI's ``InterruptProcessingException``, raised by ``callback`` or before the first step)
+        propagates after ``stopped``; a divergence becomes a ValueError that says what was kept. Returns the
+        result (each concept's kept embedding) and the files written, in concept order."""
+        start = trainer.step
+        self.clear_snapshots(after=start)
+        try:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # pressed while encoding
+            result = trainer.run(callback)
+        except comfy.model_management.InterruptProcessingException:
+            self.stopped(trainer, start, "cancelled")
+            raise
+        except TrainingDiverged as e:
+            where = self.stopped(trainer, start, "diverged")
+            kept = (f"Saved the last good vectors (step {trainer.step}) to {', '.join(str(p) for p in where)}."
+                    if where else "Nothing was saved: no step of this run was usable.")
+            raise ValueError(f"{e} {kept}") from None
+        written, kept = self.finish(trainer)
+        if result.stop_step is not None:
+            log.info("%s; wrote %s", result.stop_reason, ", ".join(str(p) for p in written))
+        return replace(result, embeddings=kept), written
 
     def fingerprint(self) -> str:
         """Changes when a resume would start from somewhere else."""

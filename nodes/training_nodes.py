@@ -6,7 +6,7 @@ then train inside ``training_host`` (full load, gradients inside ComfyUI's infer
 With Add Concept nodes on its ``concepts`` input the trainer learns its own concept and each added
 one in one ``Trainer``: each micro-batch holds ``batch_size`` draws of every concept (so N concepts
 make a UNet batch of ``batch_size`` x N, and every concept gets the steps and the batch it would get
-alone), one embedding file per concept (``RunGroup``), and the contrast is Eq. 2 across them.
+alone), one embedding file per concept (``RunFiles``), and the contrast is Eq. 2 across them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_mode
 from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .concept_nodes import ConceptInput, check_concept_wiring, concept_list
-from .run_files import IF_EXISTS, RunFiles, RunGroup, migrate_side_files
+from .run_files import IF_EXISTS, RunFiles, migrate_side_files
 from .types import ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
@@ -276,7 +276,7 @@ class TrainTextualInversion(io.ComfyNode):
             return ""
         try:
             names = [name.strip()] + [c.name for c in concept_list(concepts)]
-            return "|".join(RunFiles.of(n).fingerprint() for n in names)
+            return RunFiles.of(names).fingerprint()
         except (ValueError, TypeError):
             return ""
 
@@ -288,7 +288,7 @@ class TrainTextualInversion(io.ComfyNode):
         opts = _options(options)
         check_profile_reading(None if profile is None else profile.reading, opts.g_reading)  # before any work
         specs = [ConceptInput(name.strip(), init, images, masks, dataset), *concept_list(concepts)]
-        files, resume = _open_files([c.name for c in specs], if_exists, node)
+        files, resume = RunFiles.open([c.name for c in specs], if_exists, node)
         data = [_concept(model, clip, vae, c, opts.flip) for c in specs]
         names = [c.name for c in specs] if len(specs) > 1 else None
         metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
@@ -310,7 +310,7 @@ class TrainTextualInversion(io.ComfyNode):
                               metadata={k: str(v) for k, v in metadata.items()})
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step, concepts=names)
             callback = reporter if shown is None else shown.after_steps(trainer, reporter)
-            result, written = _run(files, trainer, callback)
+            result, written = files.run(trainer, callback)
         payload = history_payload(result.history, method=method, num_timesteps=host.denoiser.num_timesteps,
                                   total=steps, last_info=reporter.last, stop_step=result.stop_step,
                                   stop_reason=result.stop_reason, concepts=names)
@@ -320,19 +320,6 @@ class TrainTextualInversion(io.ComfyNode):
         grid = previews_off() if shown is None else shown.grid()
         return io.NodeOutput(result.embedding, chart, str(written[0]), grid, "\n".join(str(p) for p in written),
                              ui={UI_KEY: [payload]})
-
-
-def _open_files(names: list[str], if_exists: str, node: str | None):
-    """The run's files: ``RunFiles`` for one concept, ``RunGroup`` for several; and the state to resume."""
-    if len(names) == 1:
-        return RunFiles.open(names[0], if_exists, node)
-    return RunGroup.open(names, if_exists, node)
-
-
-def _run(files, trainer: Trainer, callback):
-    """Train to the end through ``files``: the result and every embedding file written (a list)."""
-    result, written = files.run(trainer, callback)
-    return result, written if isinstance(written, list) else [written]
 
 
 def _concept(model, clip, vae, c: ConceptInput, flip: bool) -> ConceptData:
