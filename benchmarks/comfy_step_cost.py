@@ -143,7 +143,7 @@ def step_functions(mods, host, model, B: int, k: int, lat: int) -> tuple[dict, l
 def pack_modules() -> dict:
     name = harness.PACK_MODULE
     return {m.rsplit(".", 1)[-1]: importlib.import_module(f"{name}.{m}")
-            for m in ("nodes.comfy_host", "nodes.comfy_attention", "inversion.prompts", "inversion.trainer",
+            for m in ("nodes.comfy_host", "nodes.comfy_attention", "inversion.data.prompts", "inversion.trainer",
                       "inversion.embedding")}
 
 

@@ -73,7 +73,7 @@ def child(mode: str, quick: bool, out: str) -> None:
     pack = harness.PACK_MODULE
     host = importlib.import_module(f"{pack}.nodes.comfy_host")
     nodes_t = importlib.import_module(f"{pack}.nodes.training_nodes")
-    init = importlib.import_module(f"{pack}.inversion.init")
+    init = importlib.import_module(f"{pack}.inversion.methods.init")
     emb_mod = importlib.import_module(f"{pack}.inversion.embedding")
     trainer_mod = importlib.import_module(f"{pack}.inversion.trainer")
     import comfy.model_management as mm

@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from inversion.host import SimpleTextSide  # noqa: E402
 from inversion.hosts.hf import HFTextEncoder, ScheduledDenoiser, make_clip_tokenizer, unet_fn  # noqa: E402
-from inversion.init import make_embedding  # noqa: E402
-from inversion.presets import MethodParams, build_method  # noqa: E402
-from inversion.profiler import profile_gradients  # noqa: E402
-from inversion.prompts import OBJECT_TEMPLATES, build_prompt_batch  # noqa: E402
+from inversion.methods.init import make_embedding  # noqa: E402
+from inversion.methods.presets import MethodParams, build_method  # noqa: E402
+from inversion.methods.profiler import profile_gradients  # noqa: E402
+from inversion.data.prompts import OBJECT_TEMPLATES, build_prompt_batch  # noqa: E402
 from inversion.schedule import DDPMSchedule  # noqa: E402
 from inversion.trainer import ConceptData, TrainConfig, Trainer  # noqa: E402
 

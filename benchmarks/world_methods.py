@@ -54,14 +54,14 @@ from benchmarks.world_stats import (area_under_curve, bootstrap_ci, holm, median
                                     seconds_to_threshold, sign_flip_p, steps_to_threshold, value_at)
 from inversion.charts import curves_chart, profile_chart  # noqa: E402
 from inversion.embedding import LearnedEmbedding  # noqa: E402
-from inversion.imageprep import to_pil  # noqa: E402
-from inversion.init import from_text, from_word  # noqa: E402
-from inversion.optim import AdamW, RiemannianSGD  # noqa: E402
-from inversion.presets import PRESETS, MethodParams, build_method  # noqa: E402
-from inversion.profiler import profile_gradients  # noqa: E402
-from inversion.regularizers import L2ToInit  # noqa: E402
-from inversion.score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, best_step, deterministic_score  # noqa: E402
-from inversion.score import dvar_stop_index  # noqa: E402
+from inversion.data.imageprep import to_pil  # noqa: E402
+from inversion.methods.init import from_text, from_word  # noqa: E402
+from inversion.methods.optim import AdamW, RiemannianSGD  # noqa: E402
+from inversion.methods.presets import PRESETS, MethodParams, build_method  # noqa: E402
+from inversion.methods.profiler import profile_gradients  # noqa: E402
+from inversion.methods.regularizers import L2ToInit  # noqa: E402
+from inversion.methods.score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, best_step, deterministic_score  # noqa: E402
+from inversion.methods.score import dvar_stop_index  # noqa: E402
 from inversion.trainer import TrainConfig, Trainer, prepare_concept  # noqa: E402
 from inversion.world import GENERIC, HELD_OUT, concept_set, load_world  # noqa: E402
 from inversion.world.grid import image_grid  # noqa: E402
@@ -758,7 +758,7 @@ def merge_parts(out_dir: str, parts: int) -> dict:
 def replot(out_dir: str) -> dict:
     """Tables (printed, world_methods.md, world_summary.json) and charts from world_methods.json and the
     step costs (world_methods.costs.json)."""
-    from inversion.profiler import GradProfile
+    from inversion.methods.profiler import GradProfile
 
     with open(os.path.join(out_dir, "world_methods.json"), encoding="utf-8") as f:
         data = json.load(f)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .profiler import GradProfile
-from .score import best_step
+from .methods.profiler import GradProfile
+from .methods.score import best_step
 
 __all__ = ["loss_chart", "concept_series", "profile_chart", "similarity_chart", "curves_chart", "inspect_chart", "ema", "nice_ticks",
            "font", "to_image"]
@@ -461,7 +461,7 @@ def loss_chart(history: Mapping[str, Any] | Any, *, width: int = 768, height: in
 # --------------------------------------------------------------------------- profile chart
 
 def _best_window(edges: Sequence[float], mean: Sequence[float], T: int, width: int) -> tuple[int, int] | None:
-    """The high-grad window of ``inversion.profiler.GradProfile.best_window`` (one implementation)."""
+    """The high-grad window of ``inversion.methods.profiler.GradProfile.best_window`` (one implementation)."""
     if any(not math.isfinite(m) for m in mean) or not 1 <= width <= T:
         return None
     prof = GradProfile(torch.tensor([int(round(e)) for e in edges], dtype=torch.long),
@@ -632,7 +632,7 @@ def inspect_chart(rows: Sequence[Mapping[str, Any]], *, title: str = "Inspect em
     """Each learned vector's norm over its vocabulary's norm distribution and, when a run saved
     snapshots, its cosine to the final vector over steps; an image [H, W, 3] in [0, 1].
 
-    ``rows``: one mapping per vector (``inversion.inspect.VectorReport.chart_row``): ``label``,
+    ``rows``: one mapping per vector (``inversion.methods.inspect.VectorReport.chart_row``): ``label``,
     ``norm``, ``percentile``, ``band`` (the vocabulary's min, 5 %, median, 95 %, max norms) and
     optional ``drift_step`` / ``drift_cosine``. Per vector the grey line spans min to max, the band
     5 % to 95 %, the tick is the median and the bar the vector's norm (red outside 5-95 %).

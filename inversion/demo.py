@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from .formats import save_embedding
-from .init import make_embedding
-from .presets import PRESETS, MethodParams, build_method
+from .files.formats import save_embedding
+from .methods.init import make_embedding
+from .methods.presets import PRESETS, MethodParams, build_method
 from .trainer import StepInfo, TrainConfig, Trainer, prepare_concept
 
 __all__ = ["DemoConfig", "run_demo", "main"]

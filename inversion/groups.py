@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from .optim import VectorOptimizer
+from .methods.optim import VectorOptimizer
 
 __all__ = ["ParamGroup", "VectorGroup", "check_groups"]
 

@@ -11,7 +11,7 @@ import torch
 
 from .embedding import LearnedEmbedding
 from .progress import Progress
-from .score import best_step
+from .methods.score import best_step
 
 __all__ = ["StepInfo", "TrainHistory", "TrainState", "TrainResult"]
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
-from .g_reading import DEFAULT as DEFAULT_G_READING, G_READINGS, check_reading
-from .presets import MethodParams
-from .prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, CaptionOptions, check_templates
-from .score import DVAR_THRESHOLD, DVAR_WINDOW, KEEP, ScoreConfig, check_score_settings
+from .methods.g_reading import DEFAULT as DEFAULT_G_READING, G_READINGS, check_reading
+from .methods.presets import MethodParams
+from .data.prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, CaptionOptions, check_templates
+from .methods.score import DVAR_THRESHOLD, DVAR_WINDOW, KEEP, ScoreConfig, check_score_settings
 from .trainer import TrainConfig
 
 __all__ = ["TrainingOptions", "PRECISIONS", "LR_SCHEDULES", "TEMPLATE_SETS", "option", "widget_fields"]

@@ -18,20 +18,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .batch import ConceptSet, autocast, step_generator
+from .data.batch import ConceptSet, autocast, step_generator
 from .concepts import ConceptData, prepare_concept  # noqa: F401 - also importable from here, as the README does
 from .embedding import LearnedEmbedding
-from .g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
+from .methods.g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
 from .groups import ParamGroup, VectorGroup, check_groups
 from .history import StepInfo, TrainHistory, TrainResult, TrainState
 from .host import Conditioning, Denoiser, TextSide
-from .loss import draw_loss_terms, per_sample_mse
+from .methods.loss import draw_loss_terms, per_sample_mse
 from .loss_scale import DynamicLossScale
-from .optim import AdamW, VectorOptimizer
-from .prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
-from .regularizers import RegContext, Regularizer
-from .score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, deterministic_score, dvar_ratio
-from .timesteps import TimestepSampler, Uniform, reads_gradients
+from .methods.optim import AdamW, VectorOptimizer
+from .data.prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
+from .methods.regularizers import RegContext, Regularizer
+from .methods.score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, deterministic_score, dvar_ratio
+from .methods.timesteps import TimestepSampler, Uniform, reads_gradients
 
 __all__ = [
     "TrainConfig",

@@ -14,9 +14,9 @@ import torch
 
 from comfy_api.latest import io
 
-from ..inversion import caption as captioning
-from ..inversion import classify, download
-from ..inversion import init as init_vectors
+from ..inversion.vision_language import caption as captioning
+from ..inversion.vision_language import classify, download
+from ..inversion.methods import init as init_vectors
 from ..inversion.embedding import LearnedEmbedding
 from .comfy_host import comfy_text_side
 from .downloads import NONE, captioner_names, download_sizes, fetch, model_name, open_clip_names

@@ -10,7 +10,7 @@ run's own CLIP object, whose patcher training has loaded (loading the clone's pa
 displace it). Each row goes to the node as ComfyUI's progress preview image (the frontend draws it
 on the node while the run goes on); the rows are the trainer's ``previews`` IMAGE, one row per
 preview step and one column per prompt. With an open_clip model picked, each row is also scored
-(``inversion.clip_score``: CLIP image similarity to the concept images, text similarity to the edits),
+(``inversion.vision_language.clip_score``: CLIP image similarity to the concept images, text similarity to the edits),
 sent to the live chart as a ``preview_score`` event and added to the final chart.
 
 What a preview touches, and how it is put back (sampling after the run must be bit-identical, and
@@ -44,9 +44,9 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..inversion.clip_score import ClipPreviewScorer, PreviewClipScore
+from ..inversion.vision_language.clip_score import ClipPreviewScorer, PreviewClipScore
 from ..inversion.embedding import LearnedEmbedding
-from ..inversion.prompts import CAPTION_MARKERS
+from ..inversion.data.prompts import CAPTION_MARKERS
 from .comfy_attention import OVERRIDE_KEY
 from .comfy_embed import clip_with_embedding
 from .comfy_host import thaw
@@ -86,7 +86,7 @@ class PreviewSettings:
     width: int = 512
     height: int = 512
     # An open_clip model (Caption Init's class-mode list) scores each preview row: CLIP image similarity to
-    # the concept images and text similarity to the edit prompts (``inversion.clip_score``); "none" = off.
+    # the concept images and text similarity to the edit prompts (``inversion.vision_language.clip_score``); "none" = off.
     open_clip_model: str = NONE
 
     def prompt_list(self) -> list[str]:
@@ -262,7 +262,7 @@ class TrainingPreviews:
         return row
 
     def score(self, images: list[torch.Tensor], step: int) -> PreviewClipScore:
-        """The row's CLIP similarities (``inversion.clip_score``): kept, and sent to the live chart."""
+        """The row's CLIP similarities (``inversion.vision_language.clip_score``): kept, and sent to the live chart."""
         oc = self.scorer.clip
         with torch.inference_mode(False), torch.no_grad(), _rng_kept(), on_compute_device(oc.model, oc):
             result = self.scorer([img[0].movedim(-1, 0) for img in images])

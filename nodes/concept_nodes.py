@@ -32,7 +32,7 @@ class ConceptInput:
     init: LearnedEmbedding
     images: Any = None  # IMAGE [N, H, W, 3]
     masks: Any = None  # MASK
-    dataset: Any = None  # inversion.dataset.ConceptImages
+    dataset: Any = None  # inversion.data.dataset.ConceptImages
 
 
 def concept_list(concepts: Any) -> list[ConceptInput]:
@@ -47,7 +47,7 @@ def concept_list(concepts: Any) -> list[ConceptInput]:
 def check_concept_wiring(init: Any, images: Any = None, dataset: Any = None) -> None:
     """What a concept needs wired: Caption Init's vectors, and Load Concept Images' images or dataset
     (the trainer's own concept and each Add Concept share these errors)."""
-    from ..inversion.dataset import ConceptImages
+    from ..inversion.data.dataset import ConceptImages
 
     if not isinstance(init, LearnedEmbedding):
         raise TypeError("init: connect the 'init' output of a Caption Init node")

@@ -1,7 +1,7 @@
 """The "(download)" entries of the model combos, and fetching one the first time it runs.
 
 Each combo of a model folder (``captioners``, ``open_clip``) lists "none", the installed models and
-a few "<name> (download)" entries (``inversion.download``'s curated lists). Picked and run, an entry
+a few "<name> (download)" entries (``inversion.vision_language.download``'s curated lists). Picked and run, an entry
 is fetched once into the folder's first location, with a toast, a log line and a byte progress bar;
 after that it is an ordinary installed model. Nothing is downloaded unless the user picks such an
 entry; ``HF_HUB_OFFLINE=1`` refuses even that, ``HF_ENDPOINT`` names a mirror.
@@ -15,7 +15,7 @@ from pathlib import Path
 import comfy.model_management
 import comfy.utils
 
-from ..inversion import download
+from ..inversion.vision_language import download
 from .comfy_run import warn_user
 from .folders import CAPTIONERS, OPEN_CLIP, installed_models, model_dirs
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NONE = "none"
 
-# The downloadable models of each folder: combo label -> hub model (inversion.download's curated lists).
+# The downloadable models of each folder: combo label -> hub model (inversion.vision_language.download's curated lists).
 _DOWNLOADS = {CAPTIONERS: {m.label: m for m in download.CAPTIONERS},
               OPEN_CLIP: {m.label: m for m in download.OPEN_CLIP}}
 

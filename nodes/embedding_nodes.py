@@ -7,11 +7,12 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..inversion import charts, formats
-from ..inversion import inspect as inspection
-from ..inversion.checkpoint import STATE_SUFFIX
+from ..inversion import charts
+from ..inversion.files import formats
+from ..inversion.methods import inspect as inspection
+from ..inversion.files.checkpoint import STATE_SUFFIX
 from ..inversion.embedding import validate_name
-from ..inversion.interpolate import slerp_embeddings
+from ..inversion.methods.interpolate import slerp_embeddings
 from .comfy_embed import check_embedding_fits, clip_with_embedding
 from .comfy_host import comfy_text_side, encoder_keys
 from .comfy_run import embedding_path

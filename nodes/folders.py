@@ -19,8 +19,8 @@ from pathlib import Path
 
 import folder_paths
 
-from ..inversion import caption as captioning
-from ..inversion import classify
+from ..inversion.vision_language import caption as captioning
+from ..inversion.vision_language import classify
 
 __all__ = ["CAPTIONERS", "OPEN_CLIP", "OVI_STATS", "RUNS", "model_dirs", "installed_models", "mtime",
            "folder_mtime", "resolve_folder", "safe_file_name"]

@@ -9,7 +9,7 @@ import torch
 
 from comfy_api.latest import io
 
-from ..inversion import dataset
+from ..inversion.data import dataset
 from .comfy_run import warn_user
 from .folders import resolve_folder
 from .types import DatasetType

@@ -17,8 +17,9 @@ import torch
 
 import comfy.model_management
 
-from ..inversion import caption as captioning
-from ..inversion import classify, ovi
+from ..inversion.vision_language import caption as captioning
+from ..inversion import ovi
+from ..inversion.vision_language import classify
 from .folders import CAPTIONERS, OPEN_CLIP, folder_mtime, installed_models, model_dirs
 from .vision_adapters import comfy_vision_tower
 

@@ -24,7 +24,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..inversion import charts, dataset, ovi
+from ..inversion import charts, ovi
+from ..inversion.data import dataset
 from .comfy_run import check_cancel, progress_callback, warn_user
 from .downloads import NONE, installed_names
 from .folders import OPEN_CLIP, OVI_STATS, model_dirs, mtime, resolve_folder, safe_file_name

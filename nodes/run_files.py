@@ -10,7 +10,7 @@
   Nothing here is listed by ComfyUI's ``/embeddings`` or scanned by other UIs (a state file
   beside the embedding was offered as ``embedding:<name>.state`` and crashed the prompt).
   ``snapshots/step-000100.safetensors``: the embedding at each scored step (``score_every``, issue
-  14), read by Inspect Embedding (``inversion.inspect.load_snapshots``) and by ``keep = "best"``,
+  14), read by Inspect Embedding (``inversion.methods.inspect.load_snapshots``) and by ``keep = "best"``,
   which writes the lowest-score step's vectors as the finished file (the state keeps the last step,
   so resume continues the run). A fresh run clears the snapshots of an earlier run of that name.
 
@@ -41,10 +41,10 @@ import torch
 import comfy.model_management
 import folder_paths
 
-from ..inversion.checkpoint import (STATE_SUFFIX, is_state_file, load_state, read_state_meta, save_checkpoint,
+from ..inversion.files.checkpoint import (STATE_SUFFIX, is_state_file, load_state, read_state_meta, save_checkpoint,
                                     state_from_embedding)
 from ..inversion.embedding import LearnedEmbedding, validate_name
-from ..inversion.formats import load_embedding, save_embedding
+from ..inversion.files.formats import load_embedding, save_embedding
 from ..inversion.trainer import Trainer, TrainHistory, TrainingDiverged, TrainResult, TrainState
 from .comfy_run import embedding_path, warn_user
 from .folders import RUNS  # registered with folder_paths there, with the pack's other model folders

@@ -1,4 +1,4 @@
-"""GradNormProfiler and TrainTextualInversion: thin nodes over ``inversion.profiler`` / ``inversion.trainer``.
+"""GradNormProfiler and TrainTextualInversion: thin nodes over ``inversion.methods.profiler`` / ``inversion.trainer``.
 
 Both encode the concept images with the VAE first (the VAE is not kept loaded while training),
 then train inside ``training_host`` (full load, gradients inside ComfyUI's inference-mode prompt).
@@ -21,12 +21,12 @@ from comfy_api.latest import io
 
 from ..inversion import charts
 from ..inversion.embedding import LearnedEmbedding, validate_name
-from ..inversion.g_reading import check_profile_reading
-from ..inversion.optim import AdamW, RiemannianSGD
+from ..inversion.methods.g_reading import check_profile_reading
+from ..inversion.methods.optim import AdamW, RiemannianSGD
 from ..inversion.options import TrainingOptions
-from ..inversion.presets import PRESETS, MethodParams, build_method, prior_directions
-from ..inversion.profiler import profile_gradients
-from ..inversion.regularizers import L2Norm, L2ToInit, contrastive
+from ..inversion.methods.presets import PRESETS, MethodParams, build_method, prior_directions
+from ..inversion.methods.profiler import profile_gradients
+from ..inversion.methods.regularizers import L2Norm, L2ToInit, contrastive
 from ..inversion.trainer import ConceptData, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_models, training_host,
@@ -85,7 +85,7 @@ def concept_data(model, clip, vae, init, name: str, *, images=None, masks=None, 
                  flip: bool = True) -> ConceptData:
     """The concept (initial vectors named ``name``) and its latents, encoded once with the VAE.
 
-    ``dataset`` (Load Concept Images' dataset output, an ``inversion.dataset.ConceptImages``) wins over
+    ``dataset`` (Load Concept Images' dataset output, an ``inversion.data.dataset.ConceptImages``) wins over
     ``images``/``masks`` and brings the per-image captions and the aspect buckets."""
     check_concept_wiring(init, images, dataset)
     check_embedding_fits(clip, init, "init")

@@ -5,8 +5,8 @@ Preview Options' settings, which name ComfyUI's samplers, and Add Concept's, whi
 |---------------------------|-------------------------------------------|---------------------------------|
 | ``INVERSION_EMBEDDING``   | ``inversion.embedding.LearnedEmbedding``  | TrainTextualInversion, LoadEmbedding, EmbeddingSlerp |
 | ``INVERSION_INIT``        | ``LearnedEmbedding`` (initial vectors, metadata init_text / class_word) | CaptionInit |
-| ``INVERSION_GRAD_PROFILE``| ``inversion.profiler.GradProfile``        | GradNormProfiler                |
-| ``INVERSION_DATASET``     | ``inversion.dataset.ConceptImages`` (per-image tensors of any aspect, masks, captions) | LoadConceptImages |
+| ``INVERSION_GRAD_PROFILE``| ``inversion.methods.profiler.GradProfile``        | GradNormProfiler                |
+| ``INVERSION_DATASET``     | ``inversion.data.dataset.ConceptImages`` (per-image tensors of any aspect, masks, captions) | LoadConceptImages |
 | ``INVERSION_OPTIONS``     | ``inversion.options.TrainingOptions``     | TrainingOptions                 |
 | ``INVERSION_PREVIEWS``    | ``nodes.comfy_preview.PreviewSettings`` (KSampler's settings: node-side, they name ComfyUI's samplers) | PreviewOptions |
 | ``INVERSION_CONCEPTS``    | a tuple of ``nodes.concept_nodes.ConceptInput`` (name, init, images: node-side, they hold ComfyUI's IMAGE) | AddConcept |

@@ -41,4 +41,4 @@ def test_every_node_module_is_listed_and_every_listed_module_exists():
 
 
 def test_the_doc_can_tell_a_missing_module():
-    assert "loss.py" in _listed("The library") and "nowhere.py" not in _listed("The library")
+    assert "methods/loss.py" in _listed("The library") and "nowhere.py" not in _listed("The library")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inversion import caption as cap
-from inversion.imageprep import crop_to_masks, mask_box
-from inversion.init import from_text
+from inversion.vision_language import caption as cap
+from inversion.data.imageprep import crop_to_masks, mask_box
+from inversion.methods.init import from_text
 from vl_models import make_blip, make_blip2, make_git
 
 

@@ -204,7 +204,7 @@ def test_profile_chart_peak_and_window_where_g_is_largest():
 
 
 def test_profile_window_is_the_known_answer():
-    from inversion.profiler import GradProfile
+    from inversion.methods.profiler import GradProfile
 
     # T = 8, bins [0, 2) [2, 4) [4, 6) [6, 8) with centres 1, 3, 5, 7 and means 1, 3, 3, 1: linear
     # between centres, constant beyond them, g(t) for t = 0..7 is 1 1 2 3 3 3 2 1 (exact in floats)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inversion import classify as cls
+from inversion.vision_language import classify as cls
 from open_clip_env import import_open_clip
 from vl_models import make_open_clip
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inversion import classify
-from inversion.clip_score import ClipPreviewScorer, prompt_without_concept
+from inversion.vision_language import classify
+from inversion.vision_language.clip_score import ClipPreviewScorer, prompt_without_concept
 from open_clip_env import import_open_clip
 from vl_models import make_open_clip
 

@@ -1,4 +1,4 @@
-"""inversion.dataset: reading and fitting concept images (no ComfyUI needed)."""
+"""inversion.data.dataset: reading and fitting concept images (no ComfyUI needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion import dataset
+from inversion.data import dataset
 
 
 def _save_rgb(path, h, w, left=(255, 0, 0), right=(0, 0, 255), orientation=None):
@@ -182,7 +182,7 @@ def test_every_image_skipped_error_says_why(tmp_path):
 
 
 def test_captions_are_read_per_image_with_markers_and_notes(tmp_path):
-    from inversion.prompts import caption_for
+    from inversion.data.prompts import caption_for
 
     for name in ("a", "b", "c", "d"):
         _save_rgb(tmp_path / f"{name}.png", 16, 16)

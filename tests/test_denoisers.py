@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from inversion.hosts.hf import FlowDenoiser, ScheduledDenoiser
-from inversion.init import make_embedding
-from inversion.loss import prediction_and_target
+from inversion.methods.init import make_embedding
+from inversion.methods.loss import prediction_and_target
 from inversion.schedule import DDPMSchedule, FlowMatchingSchedule
 from inversion.trainer import TrainConfig, Trainer, prepare_concept
 from tiny_models import concept_images

@@ -1,4 +1,4 @@
-"""inversion.download against a local HTTP server laid out like the Hub (``<repo>/resolve/<rev>/<file>``)."""
+"""inversion.vision_language.download against a local HTTP server laid out like the Hub (``<repo>/resolve/<rev>/<file>``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from inversion import download as dl
+from inversion.vision_language import download as dl
 
 MODEL = dl.HubModel("tiny-model", "org/tiny-model", files=("weights.safetensors", "config.json"),
                     optional=("tokenizer.json", "vocab.txt"), size="1 MB")

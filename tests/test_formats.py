@@ -15,11 +15,11 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from inversion import formats
-from inversion.checkpoint import load_train_state, save_train_state
+from inversion.files import formats
+from inversion.files.checkpoint import load_train_state, save_train_state
 from inversion.embedding import LearnedEmbedding
-from inversion.formats import detect_format, load_embedding, save_embedding
-from inversion.safefile import atomic_save_safetensors
+from inversion.files.formats import detect_format, load_embedding, save_embedding
+from inversion.files.safefile import atomic_save_safetensors
 
 SDXL = ("clip_l", "clip_g")
 META = {"method": "dti", "steps": "400", "seed": "7", "init_text": "a cat"}

@@ -1,4 +1,4 @@
-"""``inversion.inspect`` on a tiny CLIP whose answers are known: a vector placed on a word's row reads
+"""``inversion.methods.inspect`` on a tiny CLIP whose answers are known: a vector placed on a word's row reads
 as that word; norms, percentiles and cosines match what is computed by hand; snapshots give the drift."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from inversion import charts, init
-from inversion import inspect as ins
-from inversion.checkpoint import save_train_state
+from inversion import charts
+from inversion.methods import init
+from inversion.methods import inspect as ins
+from inversion.files.checkpoint import save_train_state
 from inversion.embedding import LearnedEmbedding
-from inversion.formats import save_embedding
+from inversion.files.formats import save_embedding
 
 
 def _vocabs(world):

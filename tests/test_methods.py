@@ -7,14 +7,14 @@ import torch
 
 from inversion.embedding import LearnedEmbedding
 from inversion.host import Conditioning
-from inversion.init import make_embedding, vocab_mean_norm
-from inversion.interpolate import slerp, slerp_embeddings
-from inversion.optim import ProjectedAdamW, RiemannianSGD, tangent_project
-from inversion.presets import PRESETS, MethodParams, build_method
-from inversion.loss import grad_norms_at
-from inversion.profiler import GradProfile, profile_gradients
-from inversion.regularizers import L2Norm, NearestNeighborContrastive, RegContext
-from inversion.timesteps import Adaptive, Interval, Single, Uniform, high_grad
+from inversion.methods.init import make_embedding, vocab_mean_norm
+from inversion.methods.interpolate import slerp, slerp_embeddings
+from inversion.methods.optim import ProjectedAdamW, RiemannianSGD, tangent_project
+from inversion.methods.presets import PRESETS, MethodParams, build_method
+from inversion.methods.loss import grad_norms_at
+from inversion.methods.profiler import GradProfile, profile_gradients
+from inversion.methods.regularizers import L2Norm, NearestNeighborContrastive, RegContext
+from inversion.methods.timesteps import Adaptive, Interval, Single, Uniform, high_grad
 from inversion.trainer import TrainConfig, Trainer, prepare_concept
 from tiny_models import concept_images
 
@@ -79,7 +79,7 @@ def test_adaptive_state_roundtrip_and_profile_seed():
 def test_grad_norm_matches_direct_autograd_and_finite_differences(tiny):
     torch.manual_seed(0)
     enc = tiny.encoder
-    from inversion.prompts import build_prompt_batch
+    from inversion.data.prompts import build_prompt_batch
     pb = build_prompt_batch(enc, ["a photo of a cat", "a red dog", "a toy"], {})
     ctx = enc.encode(pb.ids, pb.slots, torch.zeros(1, 32)).hidden.detach()
     x0 = concept_images(3) * 2 - 1
@@ -365,8 +365,8 @@ def tiny_eps(den, x0, noise, t, cond):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("reading", ["context", "tokens"])
 def test_each_reading_matches_direct_autograd_with_repeated_prompts(request, world, masked, reading):
-    from inversion.batch import ConceptSet
-    from inversion.loss import token_grad_norms_at
+    from inversion.data.batch import ConceptSet
+    from inversion.methods.loss import token_grad_norms_at
     w = request.getfixturevalue(world)
     c1 = prepare_concept(w.latents, concept_images(2), make_embedding(w.text, "toy", init_word="toy", k=2))
     c2 = prepare_concept(w.latents, concept_images(2, seed=1), make_embedding(w.text, "cat", init_word="cat"))
@@ -397,7 +397,7 @@ def test_each_reading_matches_direct_autograd_with_repeated_prompts(request, wor
 
 @pytest.mark.parametrize("reading", ["context", "tokens"])
 def test_trainer_g_is_each_samples_own_for_each_reading(tiny, reading):
-    from inversion.batch import step_generator
+    from inversion.data.batch import step_generator
     c = prepare_concept(tiny.latents, concept_images(2), make_embedding(tiny.text, "toy", init_word="toy", k=2))
     cfg = TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=5e-2, templates=("a photo of {}", "a red {}"),
                       g_reading=reading)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inversion import ovi
-from inversion.imageprep import clip_preprocess
+from inversion.data.imageprep import clip_preprocess
 from vl_models import make_clip_towers
 
 

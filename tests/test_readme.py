@@ -38,7 +38,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     ns = {"pipe": _tiny_pipe(str(tmp_path / "tok")), "images": torch.rand(2, 3, 16, 16)}
     exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - executing our own README example
     assert ns["result"].steps_done == 3
-    from inversion.formats import load_embedding
+    from inversion.files.formats import load_embedding
     emb = load_embedding(tmp_path / "models/embeddings/my-cat.safetensors")
     assert emb.num_vectors == 4 and emb.metadata["steps"] == "3"
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from inversion.init import make_embedding
-from inversion.regularizers import (ConceptContrast, L2ToInit, RegContext, VocabularyContrast, contrastive)
+from inversion.methods.init import make_embedding
+from inversion.methods.regularizers import (ConceptContrast, L2ToInit, RegContext, VocabularyContrast, contrastive)
 from inversion.trainer import TrainConfig, Trainer, prepare_concept
 from tiny_models import concept_images
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from inversion.init import make_embedding
+from inversion.methods.init import make_embedding
 from inversion.options import TrainingOptions
-from inversion.score import ScoreConfig, best_step, dvar_ratio, dvar_should_stop, dvar_stop_index
+from inversion.methods.score import ScoreConfig, best_step, dvar_ratio, dvar_should_stop, dvar_stop_index
 from inversion.trainer import TrainConfig, Trainer, TrainHistory, prepare_concept
 from tiny_models import concept_images
 
@@ -106,7 +106,7 @@ def test_the_score_is_deterministic(tiny):
 def test_the_score_is_the_masked_training_loss_on_a_set_that_ignores_the_batch_size(tiny):
     """The score is the objective training follows: with masks, the loss over the masked pixels (the
     same ``per_sample_mse`` the step uses), on the same fixed draws at batch size 1 and 3."""
-    from inversion.loss import per_sample_mse, predict_eps
+    from inversion.methods.loss import per_sample_mse, predict_eps
 
     emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
     images = concept_images(4)

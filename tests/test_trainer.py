@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inversion.embedding import LearnedEmbedding
-from inversion.init import from_text, make_embedding, random_init, vocab_mean_norm
+from inversion.methods.init import from_text, make_embedding, random_init, vocab_mean_norm
 from inversion.trainer import (TrainConfig, Trainer, TrainingDiverged, lr_at,
                                prepare_concept)
 from tiny_models import concept_images
@@ -239,9 +239,9 @@ def test_library_never_imports_comfyui():
 
 
 def test_checkpoint_files_resume_exactly_and_embedding_alone_resumes(tiny, tmp_path):
-    from inversion.checkpoint import load_state, save_checkpoint, state_from_embedding, state_path_for
-    from inversion.formats import load_embedding
-    from inversion.timesteps import Adaptive
+    from inversion.files.checkpoint import load_state, save_checkpoint, state_from_embedding, state_path_for
+    from inversion.files.formats import load_embedding
+    from inversion.methods.timesteps import Adaptive
 
     def make(**kw):
         emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
@@ -291,7 +291,7 @@ def test_empty_mask_error_names_the_image(tiny, flip):
     ("a photo", ["has no '{}'"]),
 ])
 def test_templates_need_one_plain_field(template, words):
-    from inversion.prompts import check_templates
+    from inversion.data.prompts import check_templates
 
     with pytest.raises(ValueError, match="exactly one") as e:
         check_templates(["a photo of {}", template])
@@ -301,7 +301,7 @@ def test_templates_need_one_plain_field(template, words):
 
 
 def test_templates_may_have_literal_braces():
-    from inversion.prompts import check_templates
+    from inversion.data.prompts import check_templates
 
     ok = ("{{style}} a photo of {}", "a {} in {{braces}}")
     assert check_templates(ok) == ok
@@ -342,7 +342,7 @@ def test_norm_guard_is_off_at_zero_and_quiet_in_a_normal_run(tiny):
 
 
 def test_state_file_goes_where_asked_and_a_bad_one_says_what_to_do(tiny, tmp_path):
-    from inversion.checkpoint import StateFileError, is_state_file, load_state, read_state_meta, save_checkpoint
+    from inversion.files.checkpoint import StateFileError, is_state_file, load_state, read_state_meta, save_checkpoint
 
     tr = _trainer(tiny, steps=2)
     tr.run()
@@ -467,7 +467,7 @@ def test_dynamic_loss_scale_gives_up_after_many_overflows_in_a_row(tiny):
 
 
 def test_dynamic_loss_scale_resumes_exactly_through_checkpoint_files(tiny, tmp_path, monkeypatch):
-    from inversion.checkpoint import load_state, save_checkpoint
+    from inversion.files.checkpoint import load_state, save_checkpoint
 
     def make(resume=None, loss_scale="dynamic"):
         emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
@@ -522,7 +522,7 @@ _OLD_DRAWS = [
 
 
 def _two_concepts(world, captions_a=None, **cfg):
-    from inversion.prompts import CaptionOptions
+    from inversion.data.prompts import CaptionOptions
 
     a = prepare_concept(world.latents, concept_images(3, seed=1), make_embedding(world.text, "a", init_word="cat"),
                         captions=captions_a)
@@ -536,7 +536,7 @@ def _two_concepts(world, captions_a=None, **cfg):
 
 @pytest.mark.parametrize("captions", [None, ["<a> one", "<a> two", "<a> three"]])
 def test_square_draws_without_caption_options_are_as_before(tiny, captions):
-    from inversion.batch import step_generator
+    from inversion.data.batch import step_generator
 
     tr = _two_concepts(tiny, captions_a=captions)
     for step, (idx, prompts, t, noise, mask) in enumerate(_OLD_DRAWS):
@@ -550,8 +550,8 @@ def test_square_draws_without_caption_options_are_as_before(tiny, captions):
 
 
 def test_captions_per_image_mix_with_templates(tiny):
-    from inversion.batch import step_generator
-    from inversion.prompts import OBJECT_TEMPLATES
+    from inversion.data.batch import step_generator
+    from inversion.data.prompts import OBJECT_TEMPLATES
 
     emb = make_embedding(tiny.text, "toy", init_word="toy")
     c = prepare_concept(tiny.latents, concept_images(4), emb, captions=["<toy> on grass", None, "red <toy>", None])
@@ -568,8 +568,8 @@ def test_captions_per_image_mix_with_templates(tiny):
 
 
 def test_caption_shuffle_keeps_the_first_parts_and_is_fixed_by_seed_and_step(tiny):
-    from inversion.batch import ConceptSet, step_generator
-    from inversion.prompts import CaptionOptions, shuffle_caption
+    from inversion.data.batch import ConceptSet, step_generator
+    from inversion.data.prompts import CaptionOptions, shuffle_caption
 
     g = torch.Generator().manual_seed(0)
     assert shuffle_caption("<t>, a, b", 3, g) == "<t>, a, b" and shuffle_caption("<t>, a", 1, g) == "<t>, a"
@@ -594,8 +594,8 @@ def test_caption_shuffle_keeps_the_first_parts_and_is_fixed_by_seed_and_step(tin
 
 
 def test_caption_dropout_uses_templates_at_its_rate(tiny):
-    from inversion.batch import ConceptSet
-    from inversion.prompts import CaptionOptions
+    from inversion.data.batch import ConceptSet
+    from inversion.data.prompts import CaptionOptions
 
     emb = make_embedding(tiny.text, "toy", init_word="toy")
     c = prepare_concept(tiny.latents, concept_images(2), emb, captions=["<toy> x", "<toy> y"])
@@ -615,7 +615,7 @@ def _bucket_images():
 
 
 def test_buckets_cache_latents_per_bucket_and_never_mix_in_a_batch(tiny):
-    from inversion.batch import step_generator
+    from inversion.data.batch import step_generator
 
     emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
     masks = [None, None, torch.ones(12, 20), torch.zeros(12, 20).index_fill_(1, torch.arange(10), 1.0)]
@@ -731,7 +731,7 @@ def _group_run(tiny, steps, resume=None, start=2, group=None):
 def test_a_second_parameter_group_trains_checkpoints_and_resumes_exactly(tiny, tmp_path):
     """A group beside the vectors: stepped with its own optimiser and schedule (here: from step 3), reported
     per step, saved in the checkpoint and resumed exactly; the vectors-only layout is unchanged."""
-    from inversion.checkpoint import load_state, save_checkpoint
+    from inversion.files.checkpoint import load_state, save_checkpoint
 
     full, g_full = _group_run(tiny, 6)
     infos = []

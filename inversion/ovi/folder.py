@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..dataset import SUFFIXES, fit, read_image
+from ..data.dataset import SUFFIXES, fit, read_image
 
 __all__ = ["ImageBatch", "image_files", "image_batches"]
 

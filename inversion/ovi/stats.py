@@ -18,8 +18,8 @@ import torch
 
 from ..progress import Progress
 
-from ..imageprep import as_image_list
-from ..safefile import atomic_save_safetensors, read_safetensors, read_safetensors_header
+from ..data.imageprep import as_image_list
+from ..files.safefile import atomic_save_safetensors, read_safetensors, read_safetensors_header
 from .towers import VisionTower
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..imageprep import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from ..data.imageprep import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
 __all__ = [
     "HFTextTower",
@@ -171,7 +171,7 @@ class HFTextTower:
 
 
 class OpenClipTextTower:
-    """The text tower of an ``inversion.classify.OpenClip`` model as a ``TextTower``."""
+    """The text tower of an ``inversion.vision_language.classify.OpenClip`` model as a ``TextTower``."""
 
     def __init__(self, clip):
         self.clip = clip

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw
 
-from .. import imageprep
+from ..data import imageprep
 from ..charts import font
 
 __all__ = ["to_pil", "image_grid"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..prompts import OBJECT_TEMPLATES
+from ..data.prompts import OBJECT_TEMPLATES
 
 __all__ = [
     "SHAPES",
@@ -78,7 +78,7 @@ IMAGE_SIZE = 32  # pixels per side of the world's images
 SIZES: dict[str, float] = {"small": 0.27, "big": 0.40}  # large: a shape is a matter of a few pixels  # radius as a fraction of the image side
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 
-# The object templates of textual inversion (inversion.prompts.OBJECT_TEMPLATES) whose extra words
+# The object templates of textual inversion (inversion.data.prompts.OBJECT_TEMPLATES) whose extra words
 # carry no meaning in this world: "small", "large", "dark" and "bright" would contradict the size
 # and colour labels, so those templates are left out. Training captions use these prefixes, so a
 # trainer that fills them with a placeholder stays in distribution.

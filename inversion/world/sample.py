@@ -1,7 +1,7 @@
 """Generation: DDIM (Song et al. 2021, Eq. 12 with sigma = 0) with classifier-free guidance.
 
 Prompts may hold placeholders of learned embeddings; they are tokenised with
-``inversion.prompts.build_prompt_batch`` and encoded with the encoder's ``encode(ids, slots,
+``inversion.data.prompts.build_prompt_batch`` and encoded with the encoder's ``encode(ids, slots,
 vectors)``, the same path the trainer uses, so a learned vector means the same thing in both.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from ..embedding import LearnedEmbedding
 from ..host import Conditioning, Denoiser, TextSide
-from ..prompts import build_prompt_batch
+from ..data.prompts import build_prompt_batch
 
 __all__ = ["encode_prompts", "ddim_timesteps", "ddim_sample", "Sampler"]
 

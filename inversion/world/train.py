@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..prompts import build_prompt_batch
+from ..data.prompts import build_prompt_batch
 from .judge import JudgeTrainConfig, confusion, judge_accuracy, train_judge
 from .model import (ASSETS, WorldConfig, build_encoder, build_text_model, build_tokenizer, build_unet,
                     save_config, save_weights)

@@ -62,7 +62,7 @@ def test_override_goes_through_comfy_wrap_attn(comfyui, monkeypatch):
 def _step(comfyui, bundle, seed=0):
     """One TI step (64 px) inside ``training_host``: eps-hat, the vectors' gradients, the options seen."""
     host_mod = comfyui.mod("nodes.comfy_host")
-    prompts = comfyui.mod("inversion.prompts")
+    prompts = comfyui.mod("inversion.data.prompts")
     torch.manual_seed(seed)
     with torch.inference_mode(), host_mod.training_host(bundle.model, bundle.clip) as host:
         seen = dict(bundle.model.model_options.get("transformer_options", {}))

@@ -119,7 +119,7 @@ def test_custom_template_with_other_braces_fails_before_training(comfyui, sd2, t
 
 
 def test_renamed_copies_load_as_two_words(comfyui, sd2):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     LearnedEmbedding = comfyui.mod("inversion.embedding").LearnedEmbedding
     n = nodes(comfyui)
     g = torch.Generator().manual_seed(0)

@@ -220,7 +220,7 @@ def test_js_chart_maths_matches_the_library(page):
     import torch
 
     from inversion.charts import ema
-    from inversion.profiler import GradProfile
+    from inversion.methods.profiler import GradProfile
 
     gen = np.random.default_rng(1)
     cases = []

@@ -62,7 +62,7 @@ def _mean_norm(vectors: dict[str, torch.Tensor]) -> float:
 
 
 def test_two_concepts_write_two_files_with_their_own_vectors_in_shared_batches(comfyui, sd2):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     out = _train(comfyui, sd2, "duo-a", _add(comfyui, sd2.clip, "duo-b"))
     a, b = _files(comfyui, "duo-a", "duo-b")
     assert out.args[4].splitlines() == [str(a), str(b)] and out.args[2] == str(a)
@@ -89,7 +89,7 @@ def test_two_concepts_write_two_files_with_their_own_vectors_in_shared_batches(c
 
 
 def test_contrastive_weight_with_two_concepts_is_eq2_across_them(comfyui, sd2, monkeypatch):
-    regs = comfyui.mod("inversion.regularizers")
+    regs = comfyui.mod("inversion.methods.regularizers")
     calls: list[tuple[str, int]] = []
     for cls in (regs.ConceptContrast, regs.VocabularyContrast):
         original = cls.__call__
@@ -120,7 +120,7 @@ def test_two_concepts_of_one_name_are_refused(comfyui, sd2):
 def test_cancel_leaves_every_existing_file_byte_identical_and_resume_finishes_exactly(comfyui, sd2, toasts):
     import comfy.model_management
 
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     runs = comfyui.mod("nodes.run_files").runs_dir()
     _train(comfyui, sd2, "keep-a", _add(comfyui, sd2.clip, "keep-b"), steps=6)
     files = _files(comfyui, "keep-a", "keep-b")
@@ -157,7 +157,7 @@ def test_cancel_leaves_every_existing_file_byte_identical_and_resume_finishes_ex
 
 
 def test_resume_of_a_finished_two_concept_run_continues_exactly(comfyui, sd2):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     _train(comfyui, sd2, "more-a", _add(comfyui, sd2.clip, "more-b"), steps=2, seed=7)
     resumed = _train(comfyui, sd2, "more-a", _add(comfyui, sd2.clip, "more-b"), steps=STEPS, seed=7,
                      if_exists="resume")
@@ -171,7 +171,7 @@ def test_resume_of_a_finished_two_concept_run_continues_exactly(comfyui, sd2):
 
 def test_the_chart_has_a_series_per_concept(comfyui, sd2, toasts):
     charts = comfyui.mod("inversion.charts")
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     out = _train(comfyui, sd2, "chart-a", _add(comfyui, sd2.clip, "chart-b"))
     payload = out.ui["inversion_chart"][0]
     assert payload["concepts"] == ["chart-a", "chart-b"]

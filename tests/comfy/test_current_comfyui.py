@@ -34,7 +34,7 @@ def test_text_encoder_runs_where_clip_text_encode_runs_it(comfyui, family, monke
     """The trainer's encoder gets the device ComfyUI's own encode gives it (v0.4+: the patcher's load
     device, not wherever its token table sits), for every encoder of every family."""
     host = comfyui.mod("nodes.comfy_host")
-    build = comfyui.mod("inversion.prompts").build_prompt_batch
+    build = comfyui.mod("inversion.data.prompts").build_prompt_batch
     seen = _execution_devices(monkeypatch)
     with torch.inference_mode():
         comfyui.nodes.CLIPTextEncode().encode(family.clip, "a photo of a cat")
@@ -85,7 +85,7 @@ def test_training_under_dynamic_vram_uses_cores_fully_loaded_copy(comfyui, sd15,
     import comfy.model_management
 
     training = comfyui.mod("nodes.training_nodes")
-    init = comfyui.mod("inversion.init")
+    init = comfyui.mod("inversion.methods.init")
     text = comfyui.mod("nodes.comfy_host").comfy_text_side(sd15.clip)
     loaded = []
     load = comfy.model_management.load_models_gpu

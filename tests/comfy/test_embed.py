@@ -18,7 +18,7 @@ def _embedding(comfyui, clip, name, k=2, seed=0):
 
 
 def _save(comfyui, emb):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     return formats.save_embedding(emb, f"{comfyui.embeddings_dir}/{emb.name}", overwrite=True)
 
 

@@ -10,7 +10,7 @@ PROMPT = "a photo of a cat on the grass"
 
 def _encode(comfyui, clip, prompts, placeholders=None, vectors=None):
     """Encode prompts through the adapter; ``vectors``: {key: [k, d]} for the placeholder slots."""
-    build = comfyui.mod("inversion.prompts").build_prompt_batch
+    build = comfyui.mod("inversion.data.prompts").build_prompt_batch
     side = comfyui.mod("nodes.comfy_host").comfy_text_side(clip)
     outs = []
     for enc in side.encoders:
@@ -81,7 +81,7 @@ def test_vectors_initialised_from_a_word_reproduce_the_word(comfyui, family):
 def _train_steps(comfyui, bundle, steps=2, detach_context=False, seed=0):
     """A few TI steps through the adapter inside a simulated prompt (inference mode on)."""
     host_mod = comfyui.mod("nodes.comfy_host")
-    prompts = comfyui.mod("inversion.prompts")
+    prompts = comfyui.mod("inversion.data.prompts")
     torch.manual_seed(seed)
     images = torch.rand(2, 3, 64, 64)
     losses, grads = [], []

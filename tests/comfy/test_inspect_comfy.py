@@ -13,7 +13,7 @@ def _nodes(comfyui):
 
 def _word_vectors(comfyui, clip, text: str, noise: float = 1e-3, seed: int = 0) -> dict[str, torch.Tensor]:
     """The CLIP's token rows of ``text`` (one vector per token), slightly moved."""
-    host, init = comfyui.mod("nodes.comfy_host"), comfyui.mod("inversion.init")
+    host, init = comfyui.mod("nodes.comfy_host"), comfyui.mod("inversion.methods.init")
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, rows in init.from_text(host.comfy_text_side(clip), text).items():
@@ -76,7 +76,7 @@ def test_it_reads_an_a1111_pt_file_from_the_embeddings_folder(comfyui, sd2):
 
 
 def test_sdxl_two_tensor_file_and_run_snapshots(comfyui, sdxl):
-    formats, emb_mod = comfyui.mod("inversion.formats"), comfyui.mod("inversion.embedding")
+    formats, emb_mod = comfyui.mod("inversion.files.formats"), comfyui.mod("inversion.embedding")
     runs = comfyui.mod("nodes.run_files").runs_dir()
     final = _word_vectors(comfyui, sdxl.clip, "red dog")
     name = "inspect-xl"

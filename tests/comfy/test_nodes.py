@@ -153,7 +153,7 @@ def test_cancel_keeps_the_last_good_vectors_and_resume_continues_exactly(comfyui
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         _train(comfyui, sd15, "concept-cancel")
     monkeypatch.undo()
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     saved = formats.load_embedding(os.path.join(comfyui.embeddings_dir, "concept-cancel.safetensors"))
     assert saved.metadata["steps"] == "2"
     resumed = _train(comfyui, sd15, "concept-cancel", if_exists="resume")
@@ -179,7 +179,7 @@ def test_other_families_train_and_save(comfyui, request, fam):
     emb, _, path, _, _ = _train(comfyui, bundle, f"concept-{fam}", steps=2, checkpoint_every=1).args
     keys = {"sdxl": ["clip_l", "clip_g"], "sd2": ["clip_h"]}[fam]
     assert emb.keys == keys
-    loaded = comfyui.mod("inversion.formats").load_embedding(path)
+    loaded = comfyui.mod("inversion.files.formats").load_embedding(path)
     assert sorted(loaded.keys) == sorted(keys)
     assert loaded.metadata["model_family"] == {"sdxl": "SDXL", "sd2": "SD2.x"}[fam]
     state = comfyui.mod("nodes.run_files").runs_dir() / f"concept-{fam}" / "state.safetensors"
@@ -271,7 +271,7 @@ def test_slerp_and_save_formats(comfyui, sd15):
     torch.testing.assert_close(ends.vectors["clip_l"], a.vectors["clip_l"], rtol=1e-5, atol=1e-5)
     path = run(comfyui, n.SaveEmbedding, embedding=mid, name="", format="diffusers", overwrite=False).args[0]
     assert path.endswith("slerp-a-slerp-b-0.50.safetensors") and os.path.isfile(path)
-    assert comfyui.mod("inversion.formats").detect_format(path) == "diffusers"
+    assert comfyui.mod("inversion.files.formats").detect_format(path) == "diffusers"
 
 
 def test_training_options_node_is_built_from_the_declaration(comfyui):

@@ -31,8 +31,8 @@ SIZE = 64
 
 
 def _mods(comfyui):
-    return (comfyui.mod("nodes.comfy_host"), comfyui.mod("inversion.trainer"), comfyui.mod("inversion.init"),
-            comfyui.mod("inversion.timesteps"))
+    return (comfyui.mod("nodes.comfy_host"), comfyui.mod("inversion.trainer"), comfyui.mod("inversion.methods.init"),
+            comfyui.mod("inversion.methods.timesteps"))
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_clip_scores_of_each_row_reach_the_chart(comfyui, sd2, shown, monkeypatc
     from open_clip_env import import_open_clip
     from vl_models import make_open_clip
 
-    folders, classify = comfyui.mod("nodes.folders"), comfyui.mod("inversion.classify")
+    folders, classify = comfyui.mod("nodes.folders"), comfyui.mod("inversion.vision_language.classify")
     preview, run = comfyui.mod("nodes.comfy_preview"), comfyui.mod("nodes.comfy_run")
     make_open_clip(import_open_clip(), os.path.join(folders.model_dirs(folders.OPEN_CLIP)[0], "tiny-oc-prev"))
     events = []

@@ -15,7 +15,7 @@ def test_training_with_l2_to_init_and_the_vocabulary_contrast(comfyui, sd2, monk
     """Train Textual Inversion with l2_init_weight and contrastive_weight from Training Options: both terms
     are computed every step (the contrast as the one-concept vocabulary contrast), and the run writes
     finite vectors of the init's shape."""
-    regs = comfyui.mod("inversion.regularizers")
+    regs = comfyui.mod("inversion.methods.regularizers")
     calls = []
     for cls in (regs.L2ToInit, regs.VocabularyContrast):
         orig = cls.__call__
@@ -39,7 +39,7 @@ def test_training_with_l2_to_init_and_the_vocabulary_contrast(comfyui, sd2, monk
 def test_dti_prior_rows_with_comfyui_tokenizers(comfyui, sdxl):
     """ComfyUI's own tokenizers (SDXL: clip_l and clip_g) place the class word on its own row: in
     'a red toy' 'dog' is absent, so the last row takes it and 'a', 'red' keep their own directions."""
-    ch, presets, init_mod = (comfyui.mod(m) for m in ("nodes.comfy_host", "inversion.presets", "inversion.init"))
+    ch, presets, init_mod = (comfyui.mod(m) for m in ("nodes.comfy_host", "inversion.methods.presets", "inversion.methods.init"))
     with ch.training_host(sdxl.model, sdxl.clip) as host:
         init = init_mod.from_text(host.text_side, "a red toy")
         mu = presets.prior_directions(host.text_side, init, "a red toy", "dog")

@@ -59,7 +59,7 @@ def _paths(comfyui, name):
 def test_cancel_in_an_overwrite_run_keeps_the_existing_file_and_resume_finishes_it(comfyui, sd2, toasts):
     import comfy.model_management
 
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     path, run_dir = _paths(comfyui, "kept-concept")
     _train(comfyui, sd2, "kept-concept", steps=6)
     before = path.read_bytes()
@@ -144,7 +144,7 @@ def test_a_corrupt_state_file_says_what_to_do(comfyui, sd2):
 
 
 def test_a_state_older_than_the_file_resumes_from_the_file(comfyui, sd2, toasts):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     path, run_dir = _paths(comfyui, "stale-state")
     _train(comfyui, sd2, "stale-state", steps=2, checkpoint_every=1)
     emb = formats.load_embedding(path)
@@ -160,7 +160,7 @@ def test_exploding_vectors_stop_the_run_and_are_never_written(comfyui, sd2):
     with pytest.raises(ValueError, match=r"exploded.*times the largest word.*Lower the learning rate"):
         _train(comfyui, sd2, "exploding", lr=10.0, steps=20, checkpoint_every=1)
     if path.exists():  # only vectors within the guard's warning range may have been kept
-        formats = comfyui.mod("inversion.formats")
+        formats = comfyui.mod("inversion.files.formats")
         table = sd2.clip.cond_stage_model.clip_h.transformer.get_input_embeddings().weight
         vocab = float(table.float().norm(dim=-1).max())
         assert float(formats.load_embedding(path).vectors["clip_h"].norm(dim=-1).max()) <= 8 * vocab + 1e-6

@@ -139,7 +139,7 @@ def test_cancel_over_http_keeps_the_last_good_vectors(comfyui, server):
     assert "execution_interrupted" in types_seen, (types_seen, server.log_tail())
     steps = [e["data"]["step"] for e in res["events"] if e["type"] == "inversion.progress"]
     path = os.path.join(server.base_dir, "models", "embeddings", "served-cancel.safetensors")
-    saved = comfyui.mod("inversion.formats").load_embedding(path)
+    saved = comfyui.mod("inversion.files.formats").load_embedding(path)
     # Cancel is honoured at the end of the step in progress: at most one step after the request.
     assert 1 <= int(saved.metadata["steps"]) == steps[-1] <= 3
 
@@ -158,7 +158,7 @@ def test_cancel_never_replaces_an_existing_embedding_and_no_side_file_is_listed(
     warnings = [e["data"]["message"] for e in res["events"] if e["type"] == "inversion.warning"]
     assert any("unchanged" in w and "resume" in w for w in warnings), warnings
     run = os.path.join(server.base_dir, "models", "inversion_runs", "served-kept")
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     assert int(formats.load_embedding(os.path.join(run, "served-kept.safetensors")).metadata["steps"]) >= 1
     assert os.path.isfile(os.path.join(run, "state.safetensors"))
     listed = server.get("/embeddings")

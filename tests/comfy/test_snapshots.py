@@ -74,7 +74,7 @@ def test_snapshots_live_in_the_runs_folder_and_a_fresh_run_clears_them(comfyui, 
     snapshot_name = re.compile(r"(^|/)step-\d{6}\.safetensors$")  # other tests' files may say "single_step-"
     assert not [f for f in folder_paths.get_filename_list("embeddings") if snapshot_name.search(f) or "snapshots/" in f]
     # each snapshot is that step's embedding, with its score; Inspect Embedding reads them
-    formats, inspect = comfyui.mod("inversion.formats"), comfyui.mod("inversion.inspect")
+    formats, inspect = comfyui.mod("inversion.files.formats"), comfyui.mod("inversion.methods.inspect")
     snap = formats.load_embedding(run_dir / "snapshots" / "step-000005.safetensors")
     assert snap.metadata["steps"] == "5" and float(snap.metadata["score"]) == payload["score"][-1]
     torch.testing.assert_close(snap.vectors["clip_h"], formats.load_embedding(path).vectors["clip_h"])
@@ -95,7 +95,7 @@ def test_score_off_writes_no_snapshot_and_trains_the_same_vectors(comfyui, sd2):
 
 
 def test_keep_best_writes_the_best_snapshot_and_resume_continues_the_last_step(comfyui, sd2, monkeypatch, toasts):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     path, run_dir = _paths(comfyui, "snap-best")
     _scripted(comfyui, monkeypatch, [0.5, 0.1, 0.3, 0.1, 0.4, 0.6])  # best: step 2 (the earlier of two 0.1s)
     out = _train(comfyui, sd2, "snap-best", steps=4, score_every=1, keep="best")
@@ -108,7 +108,7 @@ def test_keep_best_writes_the_best_snapshot_and_resume_continues_the_last_step(c
     assert written.metadata["keep"] == "best" and written.metadata["best_step"] == "2"
     assert float(written.metadata["score"]) == 0.1 and written.metadata["steps_trained"] == "4"
     assert out.ui["inversion_chart"][0]["best_step"] == 2
-    state = comfyui.mod("inversion.checkpoint").load_state(run_dir / "state.safetensors")
+    state = comfyui.mod("inversion.files.checkpoint").load_state(run_dir / "state.safetensors")
     assert state.step == 4 and torch.equal(state.vectors["clip_h"], last.vectors["clip_h"])
 
     resumed = _train(comfyui, sd2, "snap-best", steps=6, score_every=1, keep="best", if_exists="resume")
@@ -119,7 +119,7 @@ def test_keep_best_writes_the_best_snapshot_and_resume_continues_the_last_step(c
 
 
 def test_early_stop_ends_the_run_at_the_predicted_step(comfyui, sd2, monkeypatch, toasts):
-    formats = comfyui.mod("inversion.formats")
+    formats = comfyui.mod("inversion.files.formats")
     path, run_dir = _paths(comfyui, "snap-stop")
     k, w = 2, 3  # two high scores, then flat: DVAR fires once the window is flat, at step k + w
     _scripted(comfyui, monkeypatch, [1.0] * k + [0.5] * 20)

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .imageprep import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, crop_to_masks
+from ..data.imageprep import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess, crop_to_masks
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -48,7 +48,7 @@ _CONFIG_NAME = "open_clip_config.json"
 # A few of CLIP's ImageNet templates: most of the 80-template ensemble's gain at 1/20 of the cost
 # (1000 labels x 80 templates is minutes of text encoding on a CPU).
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a close-up photo of a {}.", "a photo of the {}.", "a rendering of a {}.")
-_DATA = Path(__file__).resolve().parent / "data"
+_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 def imagenet_classes() -> list[str]:

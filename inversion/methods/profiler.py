@@ -3,9 +3,9 @@
     g(t) = E_x [ || grad_c || eps_theta(x_t, t, c) - eps || || ]                        (Eq. 4)
 
 c is the conditioning the denoiser receives (the text encoder's hidden states); the per-sample
-norm itself is ``inversion.loss.grad_norms_at``. With ``reading="tokens"`` the gradient is taken
-w.r.t. the learned rows instead (``inversion.loss.token_grad_norms_at``, the other reading of
-Eq. 4; see ``inversion.loss``). g(t) says how
+norm itself is ``inversion.methods.loss.grad_norms_at``. With ``reading="tokens"`` the gradient is taken
+w.r.t. the learned rows instead (``inversion.methods.loss.token_grad_norms_at``, the other reading of
+Eq. 4; see ``inversion.methods.loss``). g(t) says how
 much the prompt can change the denoiser's prediction at timestep t: timesteps with a large g are
 the informative ones for inversion (high-grad interval training, adaptive sampling).
 """
@@ -17,12 +17,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .batch import ConceptSet, autocast, step_generator
-from .host import Denoiser, TextSide
+from ..data.batch import ConceptSet, autocast, step_generator
+from ..host import Denoiser, TextSide
 from .g_reading import DEFAULT as DEFAULT_G_READING, reading as g_reading_of
-from .progress import Progress
-from .prompts import OBJECT_TEMPLATES, check_templates
-from .concepts import ConceptData
+from ..progress import Progress
+from ..data.prompts import OBJECT_TEMPLATES, check_templates
+from ..concepts import ConceptData
 
 __all__ = ["GradProfile", "profile_gradients"]
 

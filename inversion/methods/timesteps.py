@@ -125,7 +125,7 @@ class Single(Interval):
 def high_grad(profile, width: int = 100, num_timesteps: int | None = None) -> Interval:
     """Strategy (1) of seeds/000 Sec. 3: train on the window of width ``width`` where g(t) is highest.
 
-    ``profile`` is a ``GradProfile`` (``inversion.profiler``) or anything with ``best_window(width)``.
+    ``profile`` is a ``GradProfile`` (``inversion.methods.profiler``) or anything with ``best_window(width)``.
     """
     a, b = profile.best_window(width)
     window = Interval(a, b, num_timesteps or profile.num_timesteps)

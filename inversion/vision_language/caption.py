@@ -2,7 +2,7 @@
 
 *An Image is Worth One Sentence* (seeds/001, Sec. 3 "Supreme Initialization") captions the
 concept image -- optionally only the clicked region -- and initialises one learned vector per
-token of the caption (``inversion.init.from_text``); with caption init the loss converges much
+token of the caption (``inversion.methods.init.from_text``); with caption init the loss converges much
 faster than with a single "*" token (seeds/001, Fig. 3).
 
 Models are transformers ``from_pretrained`` folders on disk (``config.json`` + weights + processor
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .imageprep import crop_to_masks, to_pil
+from ..data.imageprep import crop_to_masks, to_pil
 
 __all__ = [
     "SUPPORTED_CAPTIONERS",

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from .host import Conditioning, Denoiser
+from ..host import Conditioning, Denoiser
 from .loss import conditioning_grad_norms, grad_norms_at, token_grad_norms, token_grad_norms_at
 
 if TYPE_CHECKING:
-    from .batch import ConceptSet, Draw
+    from ..data.batch import ConceptSet, Draw
 
 __all__ = ["G_READINGS", "DEFAULT", "GReading", "ContextReading", "TokenReading", "reading", "check_reading",
            "check_profile_reading"]

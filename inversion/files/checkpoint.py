@@ -24,10 +24,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .embedding import LearnedEmbedding
+from ..embedding import LearnedEmbedding
 from .formats import load_embedding, save_embedding
 from .safefile import atomic_save_safetensors, read_safetensors, read_safetensors_header
-from .trainer import TrainHistory, Trainer, TrainState
+from ..trainer import TrainHistory, Trainer, TrainState
 
 __all__ = ["save_checkpoint", "load_state", "read_state_meta", "is_state_file", "state_from_embedding",
            "state_path_for", "StateFileError", "save_train_state", "load_train_state"]

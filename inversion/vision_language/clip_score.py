@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 
 from .classify import OpenClip
-from .imageprep import as_image_list, crop_to_masks
-from .prompts import CAPTION_MARKERS
+from ..data.imageprep import as_image_list, crop_to_masks
+from ..data.prompts import CAPTION_MARKERS
 
 __all__ = ["PreviewClipScore", "ClipPreviewScorer", "prompt_without_concept"]
 

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .host import TextEncoder
+from ..host import TextEncoder
 
 __all__ = [
     "OBJECT_TEMPLATES",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .progress import Progress
+from ..progress import Progress
 
 __all__ = ["CAPTIONERS", "OPEN_CLIP", "DownloadError", "HubModel", "RemoteFile", "download", "endpoint",
            "format_size", "is_installed", "offline", "plan"]

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from .host import Conditioning, Denoiser
+from ..host import Conditioning, Denoiser
 
 if TYPE_CHECKING:
-    from .batch import Draw
+    from ..data.batch import Draw
 
 __all__ = ["predict_eps", "prediction_and_target", "draw_loss_terms", "per_sample_mse", "conditioning_grad_norms", "grad_norms_at",
            "token_grad_norms", "token_grad_norms_at"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .embedding import LearnedEmbedding, validate_name
+from ..embedding import LearnedEmbedding, validate_name
 
 __all__ = ["slerp", "slerp_embeddings"]
 

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .host import Conditioning, TextSide
+from ..host import Conditioning, TextSide
 from .prompts import CaptionOptions, build_prompt_batch, shuffle_caption
 
 __all__ = ["ConceptSet", "Draw", "step_generator", "autocast"]

@@ -6,7 +6,7 @@ Per vector and per text encoder (``inspect_embedding``):
   and its percentile in it: a vector far above the largest word's norm drowns out the rest of a
   prompt, which is why DTI fixes the norm at the vocabulary's (seeds/002);
 - its cosine to the vector it started from, when that is known (``initial_vectors`` recomputes it
-  from the ``init_text`` the pack's files carry, as ``inversion.init`` made it);
+  from the ``init_text`` the pack's files carry, as ``inversion.methods.init`` made it);
 - its nearest vocabulary tokens by cosine, decoded to words: what the concept "reads as";
 - its drift across a run's earlier snapshots (``load_snapshots``): cosine to the final vector and
   norm at each saved step.
@@ -30,9 +30,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from . import init as init_vectors
-from .checkpoint import load_state, read_state_meta
-from .embedding import LearnedEmbedding
-from .formats import load_embedding
+from ..files.checkpoint import load_state, read_state_meta
+from ..embedding import LearnedEmbedding
+from ..files.formats import load_embedding
 
 __all__ = [
     "QUANTILES",

@@ -1,0 +1,1 @@
+"""The methods of the papers: the loss and its gradient readings, timestep strategies, the profiler, optimisers, regularisers, initialisation, presets, the score and early stop, SLERP, the inspector."""
