@@ -34,7 +34,7 @@ from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_mode
 from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .concept_nodes import ConceptInput, check_concept_wiring, concept_list
-from .run_files import IF_EXISTS, RunFiles, migrate_side_files
+from .run_files import IF_EXISTS, migrate_side_files, open_run, run_files
 from .types import ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
@@ -276,7 +276,7 @@ class TrainTextualInversion(io.ComfyNode):
             return ""
         try:
             names = [name.strip()] + [c.name for c in concept_list(concepts)]
-            return RunFiles.of(names).fingerprint()
+            return run_files(names).fingerprint()
         except (ValueError, TypeError):
             return ""
 
@@ -288,7 +288,7 @@ class TrainTextualInversion(io.ComfyNode):
         opts = _options(options)
         check_profile_reading(None if profile is None else profile.reading, opts.g_reading)  # before any work
         specs = [ConceptInput(name.strip(), init, images, masks, dataset), *concept_list(concepts)]
-        files, resume = RunFiles.open([c.name for c in specs], if_exists, node)
+        files, resume = open_run([c.name for c in specs], if_exists, node)
         data = [_concept(model, clip, vae, c, opts.flip) for c in specs]
         names = [c.name for c in specs] if len(specs) > 1 else None
         metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
