@@ -21,7 +21,7 @@ import torch
 
 from .files.formats import save_embedding
 from .methods.init import make_embedding
-from .methods.presets import PRESETS, MethodParams, build_method
+from .methods.presets import DEFAULT_METHOD, PRESETS, MethodParams, build_method
 from .trainer import StepInfo, TrainConfig, Trainer, prepare_concept
 
 __all__ = ["DemoConfig", "run_demo", "main"]
@@ -36,7 +36,7 @@ class DemoConfig:
     steps: int = 400  # ~12 s on 2 CPU cores; the concept rate has levelled off by then (see the README)
     images: int = 5  # the papers' 4-6 concept images
     batch_size: int = 4
-    method: str = "adaptive"  # t ~ g(t), g w.r.t. the learned rows: ahead of vanilla on world v2 (README)
+    method: str = DEFAULT_METHOD  # the node's default method (presets.DEFAULT_METHOD)
     lr: float | None = None  # None = the preset's rate
     init_word: str = "thing"  # the class word: what the world calls the shape
     samples: int = 8  # generated images per prompt

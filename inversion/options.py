@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from .methods.g_reading import DEFAULT as DEFAULT_G_READING, G_READINGS, check_reading
 from .methods.presets import MethodParams
+from .methods.regularizers import L2Norm, L2ToInit, contrastive
 from .data.prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, CaptionOptions, check_templates
 from .methods.score import DVAR_THRESHOLD, DVAR_WINDOW, KEEP, ScoreConfig, check_score_settings
 from .trainer import TrainConfig
@@ -170,6 +171,18 @@ class TrainingOptions:
             except ValueError as e:
                 raise ValueError(f"custom_templates: {e}") from None
         raise ValueError(f"templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
+
+    def regularizers(self, num_concepts: int = 1) -> list:
+        """The regularisers these options turn on (seeds/003); the contrast is Eq. 2 across concepts only
+        when a run has several (a single concept gets the vocabulary form)."""
+        regs = []
+        if self.l2_weight > 0:
+            regs.append(L2Norm(self.l2_weight))
+        if self.contrastive_weight > 0:
+            regs.append(contrastive(self.contrastive_weight, num_concepts))
+        if self.l2_init_weight > 0:
+            regs.append(L2ToInit(self.l2_init_weight))
+        return regs
 
     def train_config(self, **run) -> TrainConfig:
         """The run's ``TrainConfig``: ``run`` (what every run sets: steps, batch, seed, lr, precision, ...),

@@ -28,6 +28,7 @@ from .host import Conditioning, Denoiser, TextSide
 from .methods.loss import draw_loss_terms, per_sample_mse
 from .loss_scale import DynamicLossScale
 from .methods.optim import AdamW, VectorOptimizer
+from .replica import Replica
 from .data.prompts import OBJECT_TEMPLATES, CaptionOptions, check_templates
 from .methods.regularizers import RegContext, Regularizer
 from .methods.score import DVAR_THRESHOLD, DVAR_WINDOW, ScoreConfig, check_score_settings, deterministic_score, dvar_ratio
@@ -159,8 +160,13 @@ class Trainer:
                  optimizer: VectorOptimizer | None = None, regularizers: Sequence[Regularizer] = (),
                  device: torch.device | str | None = None, resume: TrainState | None = None,
                  checkpoint: Callable[["Trainer"], None] | None = None, metadata: Mapping[str, str] | None = None,
-                 snapshot: Callable[["Trainer"], None] | None = None, groups: Sequence[ParamGroup] = ()):
+                 snapshot: Callable[["Trainer"], None] | None = None, groups: Sequence[ParamGroup] = (),
+                 replica: Replica | None = None):
         self.config = config.validate()
+        self.replica = replica  # data-parallel: this process's share of every micro-batch (``replica.py``)
+        if replica is not None and self.config.batch_size % replica.world_size:
+            raise ValueError(f"batch_size {self.config.batch_size} cannot be shared evenly by {replica.world_size} "
+                             f"processes; use a multiple of {replica.world_size} (the global batch)")
         self.text = text
         self.denoiser = denoiser
         self.data = ConceptSet(text, concepts, self.config.templates, device, self.config.captions,
@@ -286,19 +292,29 @@ class Trainer:
         return self.data.encode(prompts, self.params)
 
     def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
-        B = self.config.batch_size
-        d = self.data.draw(gen, B, self.sampler.sample)
+        d = self.data.draw(gen, self.config.batch_size, self.sampler.sample)
+        t_all = d.t
+        if self.replica is not None:
+            d = self.replica.shard(d)
         with autocast(self.device, self.config.autocast_dtype):
             cond, handle = self.reading.encode(self.data, d.prompts, self.params)
             pred, target = draw_loss_terms(self.denoiser, d, cond)
         per, n_eff = per_sample_mse(pred, target, d.mask)
         loss = per.mean()
-        if not torch.isfinite(loss):
-            return None, d.t, d.prompts
+        seen = loss.detach() if self.replica is None else self._replica_mean(loss.detach())  # the same on every process
+        if not torch.isfinite(seen):
+            return None, t_all, d.prompts
         self._tally_concepts(per.detach(), d.idx)
         (loss * scale if loss_scale == 1.0 else loss * (scale * loss_scale)).backward(retain_graph=False)
-        g = self.reading.norms(handle, per.detach(), n_eff, B / (scale * loss_scale))
-        return (loss.detach(), g.cpu()), d.t, d.prompts
+        g = self.reading.norms(handle, per.detach(), n_eff, len(per) / (scale * loss_scale))
+        if self.replica is not None:
+            g = self.replica.gather(g.detach())
+        return (seen, g.cpu()), t_all, d.prompts
+
+    def _replica_mean(self, value: torch.Tensor) -> torch.Tensor:
+        v = value.float().reshape(1).clone()
+        self.replica.average([v])
+        return v[0]
 
     def _tally_concepts(self, per: torch.Tensor, idx: torch.Tensor) -> None:
         """Add a micro-batch's per-sample losses to its concepts' sums (runs of several concepts only)."""
@@ -363,6 +379,8 @@ class Trainer:
             losses.append(float(res[0]))
             gs.append(res[1])
             ts.append(t)
+        if self.replica is not None:  # the global batch's gradient: the mean of the processes' shards'
+            self.replica.average([p.grad for p in self._all_params() if p.grad is not None])
         if self.scaler is not None:
             if not all(bool(torch.isfinite(g).all()) for g in gs) or not self._grads_finite():
                 return self._skip_step("gradient", losses, ts)

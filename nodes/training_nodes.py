@@ -24,9 +24,8 @@ from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.methods.g_reading import check_profile_reading
 from ..inversion.methods.optim import AdamW, RiemannianSGD
 from ..inversion.options import TrainingOptions
-from ..inversion.methods.presets import PRESETS, MethodParams, build_method, prior_directions
+from ..inversion.methods.presets import DEFAULT_METHOD, PRESETS, MethodParams, build_method, prior_directions
 from ..inversion.methods.profiler import profile_gradients
-from ..inversion.methods.regularizers import L2Norm, L2ToInit, contrastive
 from ..inversion.trainer import ConceptData, Trainer, prepare_concept
 from .comfy_embed import check_embedding_fits, embedding_family
 from .comfy_host import (ComfyLatentEncoder, gradient_checkpointing, static_models, training_host,
@@ -42,7 +41,6 @@ __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
 log = logging.getLogger(__name__)
 
 CATEGORY = "inversion/train"
-DEFAULT_METHOD = "adaptive"  # t ~ g(t) with g w.r.t. the learned rows: ahead of vanilla on world v2 (README)
 _P = MethodParams()  # the one place method defaults are written; the schema and execute read them
 METHOD_TOOLTIP = (
     f"Timestep strategy + optimiser. {DEFAULT_METHOD} (default): t ~ g(t), measured while training (seeds/000); "
@@ -187,18 +185,6 @@ def _options(options) -> TrainingOptions:
     return options.validate()
 
 
-def _regularizers(opts: TrainingOptions, num_concepts: int = 1) -> list:
-    """The options' regularisers; the contrast is Eq. 2 across concepts only when a run has several."""
-    regs = []
-    if opts.l2_weight > 0:
-        regs.append(L2Norm(opts.l2_weight))
-    if opts.contrastive_weight > 0:
-        regs.append(contrastive(opts.contrastive_weight, num_concepts))
-    if opts.l2_init_weight > 0:
-        regs.append(L2ToInit(opts.l2_init_weight))
-    return regs
-
-
 class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -305,7 +291,7 @@ class TrainTextualInversion(io.ComfyNode):
                                        balance_concepts=len(data) > 1)
             m = _method(method, host, opts, profile, specs, data)
             trainer = Trainer(host.text_side, host.denoiser, data, config, timesteps=m.sampler,
-                              optimizer=m.optimizer, regularizers=_regularizers(opts, len(data)),
+                              optimizer=m.optimizer, regularizers=opts.regularizers(len(data)),
                               resume=resume, checkpoint=files.checkpoint, snapshot=files.snapshot,
                               metadata={k: str(v) for k, v in metadata.items()})
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step, concepts=names)

@@ -12,21 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_pipe(tok_dir):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tiny_models import tiny_sd_components
 
-    from inversion.hosts.hf import make_clip_tokenizer
-
-    tok = make_clip_tokenizer("a grey tabby cat photo of the".split(), tok_dir)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=8, sample_size=16)
-    return types.SimpleNamespace(text_encoder=te, tokenizer=tok, unet=unet, vae=vae.eval().requires_grad_(False))
+    return types.SimpleNamespace(**tiny_sd_components(tok_dir))
 
 
 def test_readme_library_example_runs(tmp_path, monkeypatch):

@@ -111,3 +111,38 @@ def concept_images(n: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
         imgs[i, 0, y:y + size // 2, x:x + size // 2] = 0.9
         imgs[i, 1, y:y + size // 2, x:x + size // 2] = 0.6
     return imgs
+
+
+def tiny_sd_components(tok_dir: str, words=("a grey tabby cat photo of the".split())) -> dict:
+    """The parts of a tiny diffusers SD1-style pipeline (random weights): a 32-d CLIPTextModel with a word-level
+    tokenizer, a two-level cross-attention UNet, a one-level VAE (latents at the image's size)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    tok = make_clip_tokenizer(list(words), tok_dir)
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=8, sample_size=16)
+    return {"text_encoder": te, "tokenizer": tok, "unet": unet, "vae": vae.eval().requires_grad_(False)}
+
+
+def tiny_sd_pipeline_folder(folder: str) -> str:
+    """A tiny diffusers ``StableDiffusionPipeline`` saved with ``save_pretrained`` into ``folder`` (SD's
+    scaled-linear DDPM schedule, epsilon prediction); returns the folder."""
+    import os
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    parts = tiny_sd_components(os.path.join(folder, "_tokenizer"))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              clip_sample=False)
+    pipe = StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(os.path.join(folder, "pipe"))
+    return os.path.join(folder, "pipe")
+

@@ -76,6 +76,15 @@ class ConceptImages:
             return None
         return [None if c is None else caption_for(c, placeholder) for c in self.captions]
 
+    def pixels(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor] | None]:
+        """What ``prepare_concept`` takes: the images (one batch, or one tensor per image for buckets) and the
+        masks, or None when every mask is all ones (an image without transparency masks nothing)."""
+        images = self.images if isinstance(self.images, torch.Tensor) else [img[:3].float() for img in self.images]
+        masks = self.masks
+        if masks is not None and all(bool((m >= 0.999).all()) for m in masks):
+            masks = None
+        return images, masks
+
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(images [N, 3, H, W], masks [N, H, W] or None) when every image has one size; else a ValueError."""
         if isinstance(self.images, torch.Tensor):

@@ -25,7 +25,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-__all__ = ["atomic_save_safetensors", "read_safetensors", "read_safetensors_header", "torch_load_safely"]
+__all__ = [
+    "atomic_write_text", "atomic_save_safetensors", "read_safetensors", "read_safetensors_header", "torch_load_safely"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,12 +97,24 @@ def atomic_save_safetensors(
         clean[key] = t.detach().to("cpu").contiguous().clone()
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
 
+    return _write_atomically(path, lambda tmp: safetensors.torch.save_file(clean, str(tmp), metadata=meta), overwrite)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """``text`` (UTF-8) to ``path`` atomically, as ``atomic_save_safetensors`` writes: readers see the old
+    file or the whole new one."""
+    return _write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+
+
+def _write_atomically(path: Path, write, overwrite: bool) -> Path:
+    """``write(tmp)`` into a temporary file beside ``path``, flushed to disk, then renamed over ``path`` (only
+    if absent unless ``overwrite``); on any error the temporary file goes and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        safetensors.torch.save_file(clean, str(tmp), metadata=meta)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         try:  # mkstemp makes the file owner-only; give it the mode a normal save would

@@ -27,7 +27,7 @@ from .init import from_word, vocab_mean_norm, word_rows
 from .optim import AdamW, ProjectedAdamW, RiemannianSGD, VectorOptimizer
 from .timesteps import Adaptive, Interval, Single, TimestepSampler, Uniform, high_grad
 
-__all__ = ["PRESETS", "Preset", "MethodParams", "Method", "build_method", "describe_presets", "prior_directions"]
+__all__ = ["PRESETS", "DEFAULT_METHOD", "Preset", "MethodParams", "Method", "build_method", "describe_presets", "prior_directions"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,10 @@ PRESETS: dict[str, Preset] = {
     "high_grad_directional": Preset("high_grad", RiemannianSGD, "High-grad window with DTI's optimiser.",
                                     _high_grad, _rsgd),
 }
+
+# The method a run gets when it names none (the node's, the demo's, the command line's): t ~ g(t) with g
+# w.r.t. the learned rows, the measured best at the node's settings on the miniature world (README).
+DEFAULT_METHOD = "adaptive"
 
 
 @dataclass

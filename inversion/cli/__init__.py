@@ -1,0 +1,1 @@
+"""The command line: a config file of concepts (``config``), its model (``models``), the run (``run``)."""
