@@ -60,11 +60,7 @@ def concept_pixels(images=None, masks=None, dataset=None):
     or None) from a ``dataset`` (it wins), else ([N, 3, H, W], [N, H, W] resized to the images, or None).
     An all-ones mask (Load Concept Images without masks) is no mask."""
     if dataset is not None:  # per-image tensors of any bucket, with their masks
-        pixels = [img[:3].float().cpu() for img in dataset.images]
-        m = None if dataset.masks is None else [x.float().cpu() for x in dataset.masks]
-        if m is not None and all(bool((x >= 0.999).all()) for x in m):
-            m = None
-        return pixels, m
+        return dataset.pixels()
     pixels = images.movedim(-1, 1)[:, :3].float().cpu()
     if masks is None:
         return pixels, None

@@ -76,11 +76,11 @@ class ConceptImages:
             return None
         return [None if c is None else caption_for(c, placeholder) for c in self.captions]
 
-    def pixels(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor] | None]:
-        """What ``prepare_concept`` takes: the images (one batch, or one tensor per image for buckets) and the
-        masks, or None when every mask is all ones (an image without transparency masks nothing)."""
-        images = self.images if isinstance(self.images, torch.Tensor) else [img[:3].float() for img in self.images]
-        masks = self.masks
+    def pixels(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """What ``prepare_concept`` takes: one RGB tensor [3, H_i, W_i] per image (any bucket) and one mask
+        per image, or None when every mask is all ones (an image without transparency masks nothing)."""
+        images = [img[:3].float().cpu() for img in self.images]
+        masks = None if self.masks is None else [m.float().cpu() for m in self.masks]
         if masks is not None and all(bool((m >= 0.999).all()) for m in masks):
             masks = None
         return images, masks
