@@ -1,12 +1,15 @@
-"""The textual-inversion training loop (Gal et al. 2022), with pluggable timesteps and optimiser.
+"""The textual-inversion training loop (Gal et al. 2022), with pluggable timesteps, optimiser and objective.
 
     v* = argmin_v E_{x, eps, t} || eps_theta(x_t, t, c_theta(y(v))) - eps ||^2      (seeds/000 Eq. 3)
 
-Only the learned vectors are trainable leaf tensors; the text encoder(s) and the denoiser stay
-frozen, and their token tables never receive a gradient or an optimiser state. Latents are
-encoded once (``prepare_concept``); each step encodes each distinct prompt once; per-sample
-gradient norms of the conditioning (seeds/000 Eq. 4) fall out of the same backward pass and feed
-the adaptive timestep sampler, the callback and the history.
+(or the denoiser's own objective, v or rectified flow: ``host.Objective``). What is trained are
+parameter groups (``groups.py``): the learned vectors, always, as one [K_total, d] leaf per encoder,
+and any group a caller adds (a LoRA beside them), each with its own optimiser and schedule; the text
+encoder(s) and the denoiser stay frozen, and their token tables never receive a gradient or an
+optimiser state. Latents are encoded once (``concepts.prepare_concept``); each step encodes each
+distinct prompt once; per-sample gradient norms of seeds/000 Eq. 4 fall out of the same backward pass
+(``methods.g_reading``) and feed the adaptive timestep sampler, the callback and the history. With a
+``replica`` several processes train one run together (``replica.py``).
 """
 
 from __future__ import annotations
