@@ -181,3 +181,17 @@ def test_the_console_script_is_declared():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
     module, _, func = scripts["inversion-train"].partition(":")
     assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_an_sdxl_diffusers_folder_trains_both_encoders(tmp_path):
+    """An SDXL pipeline folder: vectors for clip_l and clip_g, pooled from clip_g, with SDXL's size conditioning."""
+    from tiny_models import tiny_sdxl_pipeline_folder
+
+    pipe = tiny_sdxl_pipeline_folder(str(tmp_path / "model"))
+    body = WORLD.format(steps=2, batch=1).replace('"miniature-world"', json.dumps(pipe))
+    body = body.replace("[defaults]", "[defaults]\nsize = 32").replace('init_word = "thing"', 'init_word = "cat"')
+    body = body.split("[[concepts]]")
+    assert main([str(_write(tmp_path, "[[concepts]]".join(body[:2]))), "--quiet", "--threads", "1"]) == 0
+    emb = load_embedding(tmp_path / "out" / "embeddings" / "w-crescent.safetensors")
+    assert emb.metadata["model_family"] == "SDXL"
+    assert emb.vectors["clip_l"].shape == (1, 32) and emb.vectors["clip_g"].shape == (1, 48)

@@ -146,3 +146,33 @@ def tiny_sd_pipeline_folder(folder: str) -> str:
     pipe.save_pretrained(os.path.join(folder, "pipe"))
     return os.path.join(folder, "pipe")
 
+
+
+def tiny_sdxl_pipeline_folder(folder: str) -> str:
+    """A tiny diffusers ``StableDiffusionXLPipeline`` (clip_l 32-d, clip_g 48-d with projection, a UNet with
+    SDXL's text-and-size conditioning) saved into ``folder``; returns its path."""
+    import os
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = make_clip_tokenizer("a grey tabby cat photo of the".split(), os.path.join(folder, "_tokenizer"))
+    torch.manual_seed(0)
+
+    def te(width, cls):
+        return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                  num_hidden_layers=2, num_attention_heads=4, projection_dim=width,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id))
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, cross_attention_dim=32 + 48, attention_head_dim=8,
+                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=8, sample_size=16)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te(32, CLIPTextModel), text_encoder_2=te(48, CLIPTextModelWithProjection),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                                      beta_end=0.012))
+    pipe.save_pretrained(os.path.join(folder, "pipe"))
+    return os.path.join(folder, "pipe")
