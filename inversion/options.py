@@ -124,8 +124,9 @@ class TrainingOptions:
                        "step). The run's state keeps the last step, so resume continues the run.", choices=KEEP)
     g_reading: str = option(
         DEFAULT_G_READING, "What seeds/000 Eq. 4's gradient norm g(t) is taken with respect to, for the adaptive "
-        "sampler and the profiler: tokens (the learned vectors themselves, 'collected on the fly'; the default, the "
-        "better reading on the miniature world: README, \"Which method?\") or context (the text encoder's output, "
+        "sampler and the profiler: tokens (the learned vectors themselves, 'collected on the fly'; the default: "
+        "never behind context on the miniature world, ahead in 1 of 4 measured cells: README, \"Which method?\") "
+        "or context (the text encoder's output, "
         "cheaper: the encoder runs once per distinct prompt instead of once per image). A profile must be measured "
         "with the reading the run trains with.", choices=G_READINGS)
     # Not on the node: DVAR's published textual-inversion setting

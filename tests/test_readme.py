@@ -36,7 +36,7 @@ def test_readme_results_are_the_measured_ones():
     and every chart and command it points at exists."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = (ROOT / "docs" / "results" / "world_methods.md").read_text(encoding="utf-8").strip()
-    assert table.splitlines()[0].startswith("| method |")
+    assert any(line.startswith("| method |") for line in table.splitlines()), "the benchmark wrote no methods table"
     assert table in readme, "README's results table differs from docs/results/world_methods.md: paste it again"
     for img in re.findall(r"\]\((docs/results/[^)]+\.png)\)", readme):
         assert (ROOT / img).is_file(), img

@@ -33,7 +33,7 @@ __all__ = ["G_READINGS", "DEFAULT", "GReading", "ContextReading", "TokenReading"
            "check_profile_reading"]
 
 G_READINGS = ("context", "tokens")  # what Eq. 4's gradient is taken w.r.t.: c, or the learned rows v
-DEFAULT = "tokens"  # the better reading on the miniature world (README, "Which method?")
+DEFAULT = "tokens"  # never behind context on the miniature world, free at batch 1 (README, "Which method?")
 
 
 def check_reading(name: str, what: str = "g_reading") -> str:
