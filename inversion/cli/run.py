@@ -82,6 +82,13 @@ class Launch:
         dist.all_gather_object(out, obj)
         return out
 
+    def barrier(self) -> None:
+        """Wait for every rank (nothing in a plain process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -263,6 +270,9 @@ def _train(cfg: RunConfig, launch: Launch, args) -> int:
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.report, json.dumps(report, indent=1))
         _say(launch, f"{len(report['concepts'])} concept(s) in {report['wall_seconds']:.1f} s; report: {cfg.report}")
+    # no rank tears its process group down while another still talks to it: gloo aborts the leaver
+    # ("terminate called without an active exception", SIGABRT) and torchrun reports a failed job
+    launch.barrier()
     return 0
 
 
