@@ -776,3 +776,74 @@ def test_groups_are_checked_when_the_trainer_is_made(tiny):
     with pytest.raises(ValueError, match="leaf tensor that requires grad"):
         _group_run(tiny, 2, group=frozen)
     assert group.parameters()["b"].requires_grad
+
+
+class _LateHalf:
+    """A toy timestep strategy written only here: draws from the upper half of the schedule and leans
+    toward whichever half of it showed the larger g. Nothing else in the library knows it exists."""
+
+    reads_g = True
+
+    def __init__(self, num_timesteps: int = 1000):
+        self.num_timesteps = num_timesteps
+        self.g = torch.ones(2)
+        self.seen = 0
+
+    def sample(self, n, generator):
+        lo = self.num_timesteps // 2
+        upper = torch.rand(n, generator=generator) < self.g[1] / self.g.sum()
+        t = torch.randint(lo, lo + lo // 2, (n,), generator=generator)
+        return torch.where(upper, t + lo // 2, t)
+
+    def observe(self, t, g):
+        half = (t >= self.num_timesteps * 3 // 4).long()
+        self.g = 0.9 * self.g + 0.1 * torch.stack([g[half == i].mean() if (half == i).any() else self.g[i]
+                                                    for i in range(2)])
+        self.seen += len(t)
+
+    def state_dict(self):
+        return {"g": self.g.clone(), "seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.g, self.seen = state["g"].clone(), state["seen"]
+
+    def describe(self):
+        return "late-half"
+
+    def report(self):
+        return {}
+
+
+@pytest.mark.parametrize("reading", ["tokens", "context"])
+def test_a_new_timestep_strategy_is_one_class(tiny, reading):
+    """A strategy the library has never seen plugs in by declaring reads_g: it gets the run's g reading per
+    sample, its draws are used, and its state resumes exactly."""
+    def make(steps=6, resume=None):
+        emb = make_embedding(tiny.text, "toy", init_word="toy", k=2)
+        concept = prepare_concept(tiny.latents, concept_images(4), emb)
+        sampler = _LateHalf(tiny.denoiser.num_timesteps)
+        return Trainer(tiny.text, tiny.denoiser, [concept], TrainConfig(steps=steps, batch_size=4, seed=2,
+                       g_reading=reading), timesteps=sampler, resume=resume), sampler
+
+    full, sampler = make()
+    res = full.run()
+    drawn = [t for step in res.history.timesteps for t in step]
+    assert len(drawn) == 6 * 4 and min(drawn) >= 500 and max(drawn) < 1000
+    assert sampler.seen == 6 * 4 and torch.all(sampler.g > 0) and not torch.equal(sampler.g, torch.ones(2))
+    assert full.reading.name == reading  # a sampler that reads g gets the run's reading, not the free one
+    part, _ = make()
+    part.run(lambda info: info.step < 3)
+    resumed, again = make(resume=part.state())
+    resumed.run()
+    assert again.seen == 6 * 4 and torch.allclose(again.g, sampler.g)
+    assert torch.allclose(resumed.params["clip_l"], full.params["clip_l"], atol=1e-6)
+
+
+def test_a_strategy_that_does_not_say_whether_it_reads_g_is_refused(tiny):
+    class Silent(_LateHalf):
+        reads_g = None
+
+    emb = make_embedding(tiny.text, "toy", init_word="toy")
+    concept = prepare_concept(tiny.latents, concept_images(2), emb)
+    with pytest.raises(TypeError, match="must declare reads_g"):
+        Trainer(tiny.text, tiny.denoiser, [concept], TrainConfig(steps=2, batch_size=2), timesteps=Silent())
