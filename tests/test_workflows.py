@@ -351,7 +351,7 @@ def test_every_tooltip_that_names_a_default_names_the_inputs_default(schemas):
     """A tooltip's "X (default ..." must be the input's own default (the method tooltip once said
     interval while the node defaulted to adaptive)."""
     wrong, named = [], 0
-    for t in PACK_IDS:
+    for t in (t for t in PACK_IDS if t in schemas):  # the snapshot holds the workflows' nodes; live, every node
         for group in ("required", "optional"):
             for name, spec in (schemas[t]["input"].get(group) or {}).items():
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
