@@ -259,3 +259,47 @@ def test_methods_benchmark_quick_writes_table_and_charts(tmp_path):
     (tmp_path / "world_methods.md").unlink()
     mod.replot(str(tmp_path))
     assert (tmp_path / "world_methods.md").read_text() == table
+
+
+def test_fastest_study_quick_runs_both_stages_resumes_and_writes_its_tables(tmp_path, capsys):
+    """Issue 28's study in its smoke-test form: both stages, the step costs in one process, the tables and
+    the chart; a part run again skips the runs already in its file."""
+    import argparse
+    import json
+
+    from benchmarks import world_fastest as mod
+    from inversion.world import load_world
+
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "world_fastest.json").read_text())
+    assert data["vanilla_best_lr"] == 5e-3 and data["base_lr"] == 5e-3
+    rows = data["factors"]["A"]
+    assert set(rows) == {mod.BASELINE, "adaptive + caption at 2x lr, warm-up + cosine"}
+    combo = rows["adaptive + caption at 2x lr, warm-up + cosine"]
+    assert "speedup" in combo and "d_end" in combo and 0.0 <= combo["d_end"]["p_holm"] <= 1.0
+    assert combo["early"]["of"] == 1 and rows[mod.BASELINE]["cost"] > 0
+    lr_run = next(r for r in data["runs"] if r["variant"] == mod.lr_name(5e-3))
+    assert lr_run["steps"] == [0, 10, 20] and len(lr_run["loss"]) == 20 and lr_run["lr"] == 5e-3
+    factor_run = next(r for r in data["runs"] if r["variant"] == "adaptive + caption at 2x lr, warm-up + cosine")
+    assert factor_run["lr"] == 1e-2 and len(factor_run["score"]) == 20  # 2 x L, scored every step
+    costs = json.loads((tmp_path / "world_fastest.costs.json").read_text())
+    assert set(costs["seconds_per_step"]) == {r.name for s in ("lr", "factors") for r in mod.recipes(s)}
+    assert costs["score_seconds"] > 0
+    table = (tmp_path / "world_fastest.md").read_text()
+    assert "### Task A:" in table and "| 0.005 |" in table and "### Task B:" not in table
+    assert (tmp_path / "world_fastest_A.png").stat().st_size > 1000
+    capsys.readouterr()
+    args = argparse.Namespace(only=[mod.BASELINE], tasks=["A"], seeds=1, steps=20, n=8, ddim=6, images=5,
+                              out=str(tmp_path))
+    mod.run_stage(load_world(), args, "factors", 0, 1, 5e-3)
+    assert "2 runs done, 0 to go" in capsys.readouterr().out  # both of the quick run's factor runs: none again
+
+
+def test_speedup_is_the_ratio_of_median_seconds_and_never_is_zero():
+    from benchmarks.world_fastest import speedup_ci
+
+    base = {s: 10.0 + s for s in range(10)}  # median 14.5
+    mine = {s: 2.0 + s / 10 for s in range(10)}  # median 2.45
+    ratio, lo, hi = speedup_ci(base, mine)
+    assert abs(ratio - 14.5 / 2.45) < 1e-9 and lo <= ratio <= hi
+    assert speedup_ci(base, {s: float("inf") for s in range(10)})[0] == 0.0
