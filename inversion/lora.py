@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["LoraSpec", "LoraGroup", "lora_targets", "kohya_key"]
+__all__ = ["LoraSpec", "LoraLayers", "LoraGroup", "lora_targets", "kohya_key"]
 
 ADAPTER = "inversion"  # peft's adapter name for the layers this module adds
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' attention projections
@@ -80,41 +80,29 @@ def kohya_key(path: str, prefix: str = "lora_unet") -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-class LoraGroup:
-    """The LoRA layers peft adds to ``model`` as a parameter group (``groups.ParamGroup``).
+class LoraLayers:
+    """A LoRA's layers as a parameter group (``groups.ParamGroup``), whoever made them.
 
-    Every other parameter of ``model`` is frozen (gradients exist only for what trains). ``steps`` is the
-    run's length, for ``spec.start``; ``lr`` overrides the constant rate (a schedule over optimiser steps).
-    ``remove()`` puts the original layers back, so a shared model is left as it was found."""
+    ``layers`` maps each adapted module's path to its (down [r, in], up [out, r]) leaf parameters
+    (A and B of Eq. 3), which the denoiser's forward already uses; the scale is alpha / r. This class
+    steps them with AdamW from step ``start x steps`` on, keeps exact-resume state, snapshots them for
+    the roll-back, reports how far they moved the model and writes kohya's layout. ``LoraGroup`` makes
+    them with peft on a ``torch.nn.Module``; the nodes make them with ComfyUI's weight adapters."""
 
     name = "lora"
 
-    def __init__(self, model: nn.Module, spec: LoraSpec, steps: int, *, seed: int = 0,
+    def __init__(self, spec: LoraSpec, steps: int, layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
                  lr: Callable[[int], float] | None = None):
-        try:
-            from peft import LoraConfig, inject_adapter_in_model
-        except ImportError:
-            raise ImportError("a LoRA on a diffusers (or the miniature world's) model uses peft, which is not "
-                              "installed: pip install peft") from None
-
         self.spec = spec.validate()
-        self.model = model
-        self.paths = lora_targets(model, spec)
+        self.layers = dict(layers)
+        self.paths = list(self.layers)
         self.max_grad_norm = float(spec.max_grad_norm)
         self.start_step = int(round(spec.start * steps))
         self.lr = lr or (lambda step: spec.lr)
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=self.paths, lora_dropout=0.0,
-                            init_lora_weights=True, bias="none")
-        self._was_trainable = {id(p): p.requires_grad for p in model.parameters()}  # peft freezes the rest
-        with torch.random.fork_rng(devices=[]):  # A's Kaiming init from the run's seed, the caller's RNG untouched
-            torch.manual_seed(seed)
-            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         self.params: dict[str, torch.Tensor] = {}
-        for n, p in model.named_parameters():
-            if f".lora_A.{ADAPTER}." in n or f".lora_B.{ADAPTER}." in n:
-                self.params[n] = p.requires_grad_(True)
-            else:
-                p.requires_grad_(False)
+        for path, (down, up) in self.layers.items():
+            self.params[f"{path}.lora_down"] = down.requires_grad_(True)
+            self.params[f"{path}.lora_up"] = up.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=spec.lr, weight_decay=spec.weight_decay)
 
     # -- ParamGroup
@@ -155,27 +143,56 @@ class LoraGroup:
 
     def report(self) -> dict[str, Any]:
         """||(alpha / r) B A||_F over every adapted layer: how far the LoRA has moved the model."""
-        total = 0.0
+        scale = self.spec.alpha / self.spec.rank
         with torch.no_grad():
-            for path in self.paths:
-                layer = self.model.get_submodule(path)
-                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                total += float((layer.scaling[ADAPTER] * (b.float() @ a.float())).pow(2).sum())
+            total = sum(float((scale * (up.float() @ down.float())).pow(2).sum()) for down, up in self.layers.values())
         return {"delta_norm": math.sqrt(total)}
 
-    # -- files and lifetime
     def kohya_state_dict(self, prefix: str = "lora_unet", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The LoRA in kohya's layout (ComfyUI's LoraLoader, A1111/Forge): per adapted layer
         ``<kohya_key>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""
         out = {}
-        for path in self.paths:
-            layer = self.model.get_submodule(path)
+        for path, (down, up) in self.layers.items():
             key = kohya_key(path, prefix)
-            for part, w in (("lora_down", layer.lora_A[ADAPTER].weight), ("lora_up", layer.lora_B[ADAPTER].weight)):
+            for part, w in (("lora_down", down), ("lora_up", up)):
                 w = w.detach().cpu()
                 out[f"{key}.{part}.weight"] = w.to(dtype) if dtype is not None else w.clone()
             out[f"{key}.alpha"] = torch.tensor(float(self.spec.alpha))
         return out
+
+
+class LoraGroup(LoraLayers):
+    """The LoRA layers peft adds to ``model`` (``lora_targets``), as a parameter group.
+
+    Every other parameter of ``model`` is frozen (gradients exist only for what trains). ``steps`` is the
+    run's length, for ``spec.start``; ``lr`` overrides the constant rate (a schedule over optimiser steps);
+    ``seed`` fixes A's initialisation. ``remove()`` puts the original layers back, so a shared model is
+    left as it was found."""
+
+    def __init__(self, model: nn.Module, spec: LoraSpec, steps: int, *, seed: int = 0,
+                 lr: Callable[[int], float] | None = None):
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise ImportError("a LoRA on a diffusers (or the miniature world's) model uses peft, which is not "
+                              "installed: pip install peft") from None
+
+        spec = spec.validate()
+        self.model = model
+        paths = lora_targets(model, spec)
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=paths, lora_dropout=0.0,
+                            init_lora_weights=True, bias="none")
+        self._was_trainable = {id(p): p.requires_grad for p in model.parameters()}  # peft freezes the rest
+        with torch.random.fork_rng(devices=[]):  # A's Kaiming init from the run's seed, the caller's RNG untouched
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = {}
+        for path in paths:
+            layer = model.get_submodule(path)
+            layers[path] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+        super().__init__(spec, steps, layers, lr=lr)
 
     def remove(self) -> None:
         """Replace every peft layer with the layer it wraps and give every parameter back the
@@ -186,4 +203,4 @@ class LoraGroup:
             setattr(parent, child, getattr(parent, child).get_base_layer())
         for p in self.model.parameters():
             p.requires_grad_(self._was_trainable.get(id(p), p.requires_grad))
-        self.params = {}
+        self.params, self.layers = {}, {}

@@ -47,7 +47,7 @@ def test_the_lora_trains_beside_the_vectors_and_nothing_else_moves(parts):
     table = parts["text_encoder"].get_input_embeddings().weight.detach().clone()
     tr, group, unet, infos = _run(parts, 6)
     assert all(i.groups["lora"]["lr"] == 1e-2 for i in infos) and infos[-1].groups["lora"]["delta_norm"] > 0
-    ups = [p for n, p in group.parameters().items() if ".lora_B." in n]
+    ups = [p for n, p in group.parameters().items() if n.endswith(".lora_up")]
     assert ups and all(float(p.detach().abs().max()) > 0 for p in ups)  # B starts at zero and has moved
     for k, v in unet.state_dict().items():  # every base weight bit for bit (peft names them base_layer)
         if "lora_" not in k:
@@ -70,7 +70,7 @@ def test_a_run_with_a_lora_resumes_exactly(parts, tmp_path):
     assert part.step == 3
     save_checkpoint(part, [tmp_path / "cat.safetensors"], state_path=tmp_path / "state.safetensors")
     state = load_state(tmp_path / "state.safetensors")
-    assert any(k.startswith("param.") and ".lora_A." in k for k in state.groups["lora"])
+    assert any(k.startswith("param.") and k.endswith(".lora_down") for k in state.groups["lora"])
     assert any(k.endswith(".exp_avg_sq") for k in state.groups["lora"])
     resumed, g_res, _, _ = _run(parts, 6, resume=state)
     assert resumed.step == 6
