@@ -130,7 +130,7 @@ def run_node(node_cls, node_id: str = "7", **inputs):
 
 
 TRAIN_INPUTS = ("model", "clip", "vae", "init", "name", "method", "steps", "learning_rate", "batch_size", "seed",
-                "if_exists", "images", "masks", "dataset", "profile", "options")
+                "if_exists", "images", "masks", "dataset", "profile", "options", "lora")
 
 
 def cancel_at_step(monkeypatch, step: int) -> None:

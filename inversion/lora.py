@@ -148,6 +148,26 @@ class LoraLayers:
             total = sum(float((scale * (up.float() @ down.float())).pow(2).sum()) for down, up in self.layers.values())
         return {"delta_norm": math.sqrt(total)}
 
+    def load_kohya(self, tensors: Mapping[str, torch.Tensor], prefix: str = "lora_unet") -> None:
+        """Continue from a kohya-layout file of this LoRA (``kohya_state_dict``): every layer's down and up.
+        A file of another rank, alpha or set of layers is refused with what differs."""
+        want = {kohya_key(p, prefix) for p in self.paths}
+        have = {k[:-len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")}
+        if want != have:
+            raise ValueError(f"the LoRA file adapts {len(have)} layers, this run {len(want)}"
+                             f" ({len(want - have)} missing, {len(have - want)} extra): train it with the same "
+                             "blocks and layers, or with if_exists = overwrite")
+        with torch.no_grad():
+            for path, (down, up) in self.layers.items():
+                key = kohya_key(path, prefix)
+                d, u = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
+                alpha = float(tensors.get(f"{key}.alpha", torch.tensor(float(d.shape[0]))))
+                if d.shape != down.shape or u.shape != up.shape or alpha != float(self.spec.alpha):
+                    raise ValueError(f"the LoRA file's {key} has rank {d.shape[0]} and alpha {alpha:g}; this run "
+                                     f"trains rank {self.spec.rank} and alpha {self.spec.alpha:g}")
+                down.copy_(d.to(down.dtype))
+                up.copy_(u.to(up.dtype))
+
     def kohya_state_dict(self, prefix: str = "lora_unet", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The LoRA in kohya's layout (ComfyUI's LoraLoader, A1111/Forge): per adapted layer
         ``<kohya_key>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha``."""

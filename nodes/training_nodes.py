@@ -34,7 +34,10 @@ from .comfy_preview import TrainingPreviews, previews_off
 from .comfy_run import UI_KEY, TrainReporter, history_payload, progress_callback, send_event
 from .concept_nodes import ConceptInput, check_concept_wiring, concept_list
 from .run_files import IF_EXISTS, migrate_side_files, open_run, run_files
-from .types import ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, OptionsType, PreviewsType
+from .comfy_lora import lora_clone
+from .lora_nodes import apply_lora, check_lora_file, lora_path, resume_lora, write_lora
+from .types import (ConceptsType, DatasetType, EmbeddingType, GradProfileType, InitType, LoraOptionsType, OptionsType,
+                    PreviewsType)
 
 __all__ = ["NODES", "GradNormProfiler", "TrainTextualInversion", "concept_data"]
 
@@ -237,6 +240,11 @@ class TrainTextualInversion(io.ComfyNode):
                                    "models/inversion_runs/<this node's name>), a loss and norm curve per concept on "
                                    "the chart, and Training Options' contrastive_weight is seeds/003 Eq. 2 across "
                                    "the concepts. Previews show this node's own concept."),
+                LoraOptionsType.Input("lora", optional=True,
+                                      tooltip="LoRA Options: pivotal tuning, a LoRA on the UNet trained together with "
+                                      "the embedding, saved as models/loras/<name>.safetensors when the run completes "
+                                      "(if_exists applies to it too; its state is in the run's state, so resume "
+                                      "continues both). Unconnected = the embedding alone."),
             ],
             outputs=[
                 EmbeddingType.Output("embedding", display_name="embedding",
@@ -249,6 +257,12 @@ class TrainTextualInversion(io.ComfyNode):
                 io.String.Output("paths", display_name="paths",
                                  tooltip="Every embedding file written, one per line: this node's concept first, "
                                  "then each added concept's (just path without the concepts input)."),
+                io.Model.Output("model_out", display_name="model",
+                                tooltip="The input MODEL with the trained LoRA applied (LoRA Options), ready for a "
+                                "sampler; without LoRA Options, the input MODEL unchanged."),
+                io.String.Output("lora_path", display_name="lora_path",
+                                 tooltip="The LoRA file written (models/loras/<name>.safetensors); empty without LoRA "
+                                 "Options."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -266,16 +280,23 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, init, name, method, steps, learning_rate, batch_size, seed, if_exists,
                 images=None, masks=None, dataset=None, profile=None, options=None, previews=None,
-                concepts=None) -> io.NodeOutput:
+                concepts=None, lora=None) -> io.NodeOutput:
         node = node_id(cls)
         opts = _options(options)
         check_profile_reading(None if profile is None else profile.reading, opts.g_reading)  # before any work
         specs = [ConceptInput(name.strip(), init, images, masks, dataset), *concept_list(concepts)]
+        lora_file = lora_path(specs[0].name) if lora is not None else None
+        if lora_file is not None:
+            check_lora_file(lora_file, if_exists)
         files, resume = open_run([c.name for c in specs], if_exists, node)
         data = [_concept(model, clip, vae, c, opts.flip) for c in specs]
         names = [c.name for c in specs] if len(specs) > 1 else None
         metadata = {"method": method, "model_family": embedding_family(init.keys), "batch_size": batch_size,
                     "trainer": "ComfyUI-Inversion", **({"concepts": ",".join(names)} if names else {})}
+        model_in, clip_in, group = model, clip, None
+        if lora is not None:  # the adapters go on a clone: the graph's MODEL never runs them
+            model, group = lora_clone(model, lora, steps, seed=seed)
+            resume_lora(group, lora_file, resume, files.warn)
         model, clip = static_models(model, clip)  # dynamic VRAM: core's fully loaded copy (previews use it too)
         model = with_compute_dtype(model, opts.precision)  # "auto": the model as loaded
         own = specs[0]  # previews show (and CLIP scores compare with) this node's own concept
@@ -290,7 +311,7 @@ class TrainTextualInversion(io.ComfyNode):
             trainer = Trainer(host.text_side, host.denoiser, data, config, timesteps=m.sampler,
                               optimizer=m.optimizer, regularizers=opts.regularizers(len(data)),
                               resume=resume, checkpoint=files.checkpoint, snapshot=files.snapshot,
-                              metadata={k: str(v) for k, v in metadata.items()})
+                              metadata={k: str(v) for k, v in metadata.items()}, groups=[group] if group else ())
             reporter = TrainReporter(node, steps, method, host.denoiser.num_timesteps, trainer.step, concepts=names)
             callback = reporter if shown is None else shown.after_steps(trainer, reporter)
             result, written = files.run(trainer, callback)
@@ -301,8 +322,13 @@ class TrainTextualInversion(io.ComfyNode):
             payload.update(shown.chart_fields())
         chart = charts.loss_chart(payload)[None]
         grid = previews_off() if shown is None else shown.grid()
+        model_out, lora_written = model_in, ""
+        if group is not None:
+            lora_written = str(write_lora(group, lora_file, {**{k: str(v) for k, v in metadata.items()},
+                                                             "embedding": specs[0].name, "steps": str(result.steps_done)}))
+            model_out = apply_lora(model_in, clip_in, group)
         return io.NodeOutput(result.embedding, chart, str(written[0]), grid, "\n".join(str(p) for p in written),
-                             ui={UI_KEY: [payload]})
+                             model_out, lora_written, ui={UI_KEY: [payload]})
 
 
 def _concept(model, clip, vae, c: ConceptInput, flip: bool) -> ConceptData:

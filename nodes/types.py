@@ -10,6 +10,7 @@ Preview Options' settings, which name ComfyUI's samplers, and Add Concept's, whi
 | ``INVERSION_OPTIONS``     | ``inversion.options.TrainingOptions``     | TrainingOptions                 |
 | ``INVERSION_PREVIEWS``    | ``nodes.comfy_preview.PreviewSettings`` (KSampler's settings: node-side, they name ComfyUI's samplers) | PreviewOptions |
 | ``INVERSION_CONCEPTS``    | a tuple of ``nodes.concept_nodes.ConceptInput`` (name, init, images: node-side, they hold ComfyUI's IMAGE) | AddConcept |
+| ``INVERSION_LORA``        | ``inversion.lora.LoraSpec``               | LoraOptions                     |
 
 Types match by their string, so the names are namespaced: another pack's ``EMBEDDING`` socket
 (a different object) cannot be wired into ours by accident.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 __all__ = ["EmbeddingType", "InitType", "GradProfileType", "DatasetType", "OptionsType", "PreviewsType",
-           "ConceptsType"]
+           "ConceptsType", "LoraOptionsType"]
 
 EmbeddingType = io.Custom("INVERSION_EMBEDDING")
 InitType = io.Custom("INVERSION_INIT")
@@ -29,3 +30,4 @@ DatasetType = io.Custom("INVERSION_DATASET")
 OptionsType = io.Custom("INVERSION_OPTIONS")
 PreviewsType = io.Custom("INVERSION_PREVIEWS")
 ConceptsType = io.Custom("INVERSION_CONCEPTS")
+LoraOptionsType = io.Custom("INVERSION_LORA")

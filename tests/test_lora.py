@@ -153,3 +153,17 @@ def test_the_lora_file_round_trips_refuses_to_overwrite_and_names_what_is_missin
     assert not (tmp_path / "broken.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="no LoRA file"):
         load_lora(tmp_path / "nothing.safetensors")
+
+
+def test_a_lora_continues_from_its_file_and_a_different_one_is_refused(parts):
+    _, trained, _, _ = _run(parts, 3)
+    fresh = LoraGroup(copy.deepcopy(parts["unet"]), LoraSpec(rank=2, alpha=2.0, lr=1e-2), 3, seed=9)
+    fresh.load_kohya(trained.kohya_state_dict())
+    for k, v in trained.parameters().items():
+        assert torch.equal(fresh.parameters()[k].detach(), v.detach()), k
+    other = LoraGroup(copy.deepcopy(parts["unet"]), LoraSpec(rank=4, alpha=2.0), 3)
+    with pytest.raises(ValueError, match="rank 2 and alpha 2; this run trains rank 4"):
+        other.load_kohya(trained.kohya_state_dict())
+    fewer = LoraGroup(copy.deepcopy(parts["unet"]), LoraSpec(rank=2, alpha=2.0, blocks=("up_blocks",)), 3)
+    with pytest.raises(ValueError, match="same blocks and layers"):
+        fewer.load_kohya(trained.kohya_state_dict())

@@ -208,6 +208,30 @@ concepts apart. Every concept needs a name of its own; a name used twice is refu
 """,
         "paper": "003",
     },
+    "InversionLoraOptions": {
+        "body": """\
+## Pivotal tuning: the embedding and a LoRA together
+
+An embedding carries a concept only as far as the text encoder can say it; a LoRA on the UNet lets
+the model draw it more closely. Wire this node into Train Textual Inversion's **lora** input and the
+run trains both: the vectors as always, and a LoRA on the UNet's attention projections (ComfyUI's
+own LoRA adapters, as core's Train LoRA makes them), each with its own learning rate.
+
+- The run writes `models/embeddings/<name>.safetensors` and `models/loras/<name>.safetensors`. The
+  LoRA is in kohya's layout (`lora_unet_*`), which ComfyUI's Load LoRA and A1111/Forge load: use the
+  pair with `embedding:<name>` in the prompt and the LoRA at strength 1.
+- The trainer's **model** output is the input MODEL with the LoRA applied, for a sampler in the same
+  graph. The MODEL you wired in is never changed.
+- **if_exists** applies to the LoRA file too: error never touches it, overwrite replaces it when the
+  run completes, and resume continues the run. The LoRA's state is in the run's state, so a
+  cancelled run resumes exactly.
+- **start** > 0 trains the embedding alone for that fraction of the steps before the LoRA joins it,
+  the order diffusers' pivotal-tuning scripts use.
+
+Not measured yet: what the LoRA buys in likeness and costs in prompt faithfulness (the miniature
+world's rows are still to come).
+""",
+    },
     "InversionTrainingOptions": {
         "body": """\
 ## What it is for

@@ -5,6 +5,7 @@ and the MODEL the graph holds is never changed."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +68,104 @@ def test_a_lora_trained_with_the_vectors_loads_in_comfyuis_lora_loader(comfyui, 
     assert torch.allclose(via_loader, trained, atol=1e-4), float((via_loader - trained).abs().max())
     assert not torch.allclose(via_loader, plain_trained_vectors, atol=1e-4)  # the LoRA changes the UNet's output
     assert torch.equal(untouched, before)  # the graph's MODEL never ran the adapters
+
+
+# ---------------------------------------------------------------- the nodes: LoRA Options on Train Textual Inversion
+
+def _nodes(comfyui):
+    return {n.__name__: n for n in comfyui.mod("nodes").NODES}
+
+
+def _lora_spec(comfyui, **widgets):
+    from devtools import harness
+
+    node = _nodes(comfyui)["LoraOptionsNode"]
+    defaults = {i.id: i.default for i in node.define_schema().inputs}
+    return harness.run_node(node, **{**defaults, **widgets}).args[0]
+
+
+def _train_pair(comfyui, sd2, name, *, steps=4, if_exists="overwrite", lora=None, seed=3):
+    from devtools import harness
+
+    nodes = _nodes(comfyui)
+    init = harness.run_node(nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    return harness.run_node(nodes["TrainTextualInversion"], **harness.train_inputs(
+        model=sd2.model, clip=sd2.clip, vae=sd2.vae, images=images, init=init, name=name, method="vanilla",
+        steps=steps, batch_size=1, learning_rate=0.0, seed=seed, if_exists=if_exists,
+        lora=lora if lora is not None else _lora_spec(comfyui, rank=2, alpha=2.0, learning_rate=2e-2)))
+
+
+def _eps(comfyui, model, clip, vectors):
+    ch = comfyui.mod("nodes.comfy_host")
+    with torch.inference_mode(), ch.training_host(model, clip) as host:
+        return _probe(comfyui, host, vectors)
+
+
+def test_lora_options_make_the_spec_the_trainer_reads(comfyui):
+    spec = _lora_spec(comfyui, rank=8, alpha=4.0, learning_rate=1e-3, start=0.25, blocks="mid + up",
+                      layers="attention + feed-forward")
+    assert (spec.rank, spec.alpha, spec.lr, spec.start) == (8, 4.0, 1e-3, 0.25)
+    assert spec.blocks == ("middle_block.", "output_blocks.") and "ff.net.2" in spec.targets
+
+
+def test_the_trainer_writes_the_pair_and_outputs_the_model_with_the_lora(comfyui, sd2, caplog):
+    import comfy.sd
+
+    lora_file = comfyui.mod("nodes.lora_nodes").lora_path("toy-pair")
+    out = _train_pair(comfyui, sd2, "toy-pair")
+    emb, model_out, written = out.args[0], out.args[5], out.args[6]
+    assert written == str(lora_file) and lora_file.is_file()
+    tensors, meta = comfyui.mod("inversion.files.lora_file").load_lora(lora_file)
+    assert meta["ss_network_dim"] == "2" and meta["embedding"] == "toy-pair" and meta["steps"] == "4"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = comfy.sd.load_lora_for_models(sd2.model, sd2.clip, tensors, 1.0, 0.0)
+    assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    plain = _eps(comfyui, sd2.model, sd2.clip, emb.vectors)
+    with_lora = _eps(comfyui, model_out, sd2.clip, emb.vectors)
+    assert torch.allclose(_eps(comfyui, loaded, sd2.clip, emb.vectors), with_lora, atol=1e-5)
+    assert not torch.allclose(plain, with_lora, atol=1e-4)
+    assert model_out is not sd2.model
+
+
+def test_without_lora_options_the_model_passes_through_and_no_lora_file_is_written(comfyui, sd2):
+    from devtools import harness
+
+    nodes = _nodes(comfyui)
+    init = harness.run_node(nodes["CaptionInit"], clip=sd2.clip, mode="manual", text="a toy")[0]
+    out = harness.run_node(nodes["TrainTextualInversion"], **harness.train_inputs(
+        model=sd2.model, clip=sd2.clip, vae=sd2.vae, images=torch.rand(2, 64, 64, 3), init=init, name="toy-alone",
+        method="vanilla", steps=2, batch_size=1, learning_rate=0.0, seed=0, if_exists="overwrite"))
+    assert out.args[5] is sd2.model and out.args[6] == ""
+    assert not comfyui.mod("nodes.lora_nodes").lora_path("toy-alone").exists()
+
+
+def test_an_existing_lora_file_is_never_touched_with_if_exists_error(comfyui, sd2):
+    lora_file = comfyui.mod("nodes.lora_nodes").lora_path("toy-guarded")
+    lora_file.write_bytes(b"someone's LoRA")
+    with pytest.raises(ValueError, match="already exists \\(the LoRA of an earlier run\\).*if_exists = overwrite"):
+        _train_pair(comfyui, sd2, "toy-guarded", if_exists="error")
+    assert lora_file.read_bytes() == b"someone's LoRA"
+    assert not (Path(comfyui.embeddings_dir) / "toy-guarded.safetensors").exists()
+
+
+def test_cancel_then_resume_gives_the_uninterrupted_vectors_and_lora(comfyui, sd2, monkeypatch):
+    import comfy.model_management
+    from devtools import harness
+
+    lora_file = comfyui.mod("nodes.lora_nodes").lora_path("toy-resumed")
+    load_lora = comfyui.mod("inversion.files.lora_file").load_lora
+    whole = _train_pair(comfyui, sd2, "toy-whole", steps=4, seed=5)
+    with pytest.MonkeyPatch.context() as mp:
+        harness.cancel_at_step(mp, 2)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _train_pair(comfyui, sd2, "toy-resumed", steps=4, seed=5)
+    assert not lora_file.exists()  # a cancelled run writes no LoRA file; its state keeps the LoRA
+    done = _train_pair(comfyui, sd2, "toy-resumed", steps=4, seed=5, if_exists="resume")
+    torch.testing.assert_close(done.args[0].vectors["clip_h"], whole.args[0].vectors["clip_h"])
+    a, _ = load_lora(lora_file)
+    b, _ = load_lora(comfyui.mod("nodes.lora_nodes").lora_path("toy-whole"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -226,8 +226,9 @@ def test_schemas_are_valid_and_existing_sockets_keep_their_order(comfyui):
     for cls in (nodes["PreviewOptionsNode"], nodes["TrainTextualInversion"], nodes["AddConcept"]):
         cls.define_schema().validate()  # what ComfyUI checks when it registers the pack (unique ids)
     schema = nodes["TrainTextualInversion"].define_schema()
-    assert [i.id for i in schema.inputs][-3:] == ["options", "previews", "concepts"]  # append-only
-    assert [o.display_name for o in schema.outputs] == ["embedding", "chart", "path", "previews", "paths"]
+    assert [i.id for i in schema.inputs][-4:] == ["options", "previews", "concepts", "lora"]  # append-only
+    assert [o.display_name for o in schema.outputs] == ["embedding", "chart", "path", "previews", "paths", "model",
+                                                        "lora_path"]
 
 
 def test_preview_steps_include_the_last_and_follow_a_resumed_start(comfyui):
