@@ -84,7 +84,7 @@ def test_every_method_trains_and_the_loss_falls(comfyui, sd15, profile, method):
     extra = {"profile": profile.args[0]} if "high_grad" in method else {}
     trained = _train(comfyui, sd15, f"m-{method}", method, **extra)
     baseline = _train(comfyui, sd15, f"m-{method}-base", method, lr=1e-9, **extra)
-    emb, chart, path, _previews, paths = trained.args
+    emb, chart, path, _previews, paths = trained.args[:5]
     assert paths == path  # one concept: one file
     loss = trained.ui["inversion_chart"][0]["loss"]
     base = baseline.ui["inversion_chart"][0]["loss"]
@@ -106,7 +106,7 @@ def vanilla(comfyui, sd15):
 
 
 def test_saved_file_works_with_comfyui_embedding_syntax(comfyui, sd15, vanilla):
-    emb, _, path, _, _ = vanilla.args
+    emb, _, path, _, _ = vanilla.args[:5]
     assert path == os.path.join(comfyui.embeddings_dir, "concept-vanilla.safetensors")
 
     def encode(clip, text):
@@ -176,7 +176,7 @@ def test_live_progress_events(comfyui, sd2, monkeypatch):
 @pytest.mark.parametrize("fam", ["sdxl", "sd2"])
 def test_other_families_train_and_save(comfyui, request, fam):
     bundle = request.getfixturevalue(fam)
-    emb, _, path, _, _ = _train(comfyui, bundle, f"concept-{fam}", steps=2, checkpoint_every=1).args
+    emb, _, path, _, _ = _train(comfyui, bundle, f"concept-{fam}", steps=2, checkpoint_every=1).args[:5]
     keys = {"sdxl": ["clip_l", "clip_g"], "sd2": ["clip_h"]}[fam]
     assert emb.keys == keys
     loaded = comfyui.mod("inversion.files.formats").load_embedding(path)
