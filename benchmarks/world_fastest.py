@@ -46,8 +46,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.world_methods import (C, THRESHOLD, TASKS, RunResult, Task, _save, early_stop_analysis,  # noqa: E402
-                                      judge_concept, judge_edits, run_to_dict, task_images)
+from benchmarks.world_methods import (C, THRESHOLD, TASKS, RunResult, Task, _append, _save,  # noqa: E402
+                                      early_stop_analysis, judge_concept, judge_edits, run_to_dict, task_images)
+from benchmarks.world_methods import _read_part as _read  # noqa: E402
 from benchmarks.world_stats import (INF, area_under_curve, holm, median_ci, paired_difference,  # noqa: E402
                                     seconds_to_threshold, sign_flip_p, steps_to_threshold, value_at)
 from inversion.charts import curves_chart  # noqa: E402
@@ -206,18 +207,6 @@ def step_costs(world, args, base_lr: float) -> dict:
 
 def _part_file(out: str, stage: str, part: int) -> str:
     return os.path.join(out, f"{PREFIX}.part-{stage}-{part}.jsonl")
-
-
-def _append(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, separators=(",", ":")) + "\n")
-
-
-def _read(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def jobs(stage: str, args) -> list[tuple[str, Recipe, int]]:

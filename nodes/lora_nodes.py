@@ -102,16 +102,16 @@ def resume_lora(group: LoraLayers, path: Path, resume, warn) -> None:
     warn(f"resuming the LoRA from {path} (the run's state has none): its optimiser restarts")
 
 
-def write_lora(group: LoraLayers, path: Path, metadata: dict[str, str]) -> Path:
-    """The trained LoRA, atomically (the caller has checked if_exists before the run)."""
-    return save_lora(group.kohya_state_dict(), path, metadata=metadata, overwrite=True)
+def write_lora(tensors, path: Path, metadata: dict[str, str]) -> Path:
+    """The trained LoRA (``LoraLayers.kohya_state_dict``), atomically (the caller checked if_exists before the run)."""
+    return save_lora(tensors, path, metadata=metadata, overwrite=True)
 
 
-def apply_lora(model, clip, group: LoraLayers):
+def apply_lora(model, clip, tensors):
     """``model`` with the trained LoRA applied by ComfyUI's own LoRA loader (as LoraLoader applies a file)."""
     import comfy.sd
 
-    return comfy.sd.load_lora_for_models(model, clip, group.kohya_state_dict(), 1.0, 0.0)[0]
+    return comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 0.0)[0]
 
 
 NODES = [LoraOptionsNode]

@@ -324,9 +324,11 @@ class TrainTextualInversion(io.ComfyNode):
         grid = previews_off() if shown is None else shown.grid()
         model_out, lora_written = model_in, ""
         if group is not None:
-            lora_written = str(write_lora(group, lora_file, {**{k: str(v) for k, v in metadata.items()},
-                                                             "embedding": specs[0].name, "steps": str(result.steps_done)}))
-            model_out = apply_lora(model_in, clip_in, group)
+            tensors = group.kohya_state_dict()  # once: the file and the MODEL output are the same LoRA
+            lora_written = str(write_lora(tensors, lora_file, {**{k: str(v) for k, v in metadata.items()},
+                                                               "embedding": specs[0].name,
+                                                               "steps": str(result.steps_done)}))
+            model_out = apply_lora(model_in, clip_in, tensors)
         return io.NodeOutput(result.embedding, chart, str(written[0]), grid, "\n".join(str(p) for p in written),
                              model_out, lora_written, ui={UI_KEY: [payload]})
 
