@@ -10,5 +10,5 @@ import importlib
 NODES: list = []
 
 # one module per theme, each exposing NODES
-for _name in ("image_nodes", "training_nodes", "concept_nodes", "options_nodes", "lora_nodes", "preview_nodes", "embedding_nodes", "caption_nodes", "ovi_nodes"):
+for _name in ("image_nodes", "training_nodes", "concept_nodes", "options_nodes", "lora_nodes", "pair_nodes", "preview_nodes", "embedding_nodes", "caption_nodes", "ovi_nodes"):
     NODES.extend(importlib.import_module(f".{_name}", __name__).NODES)

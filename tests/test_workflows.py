@@ -36,6 +36,8 @@ TASKS = {
     "10_previews_score_best_step": {"InversionPreviewOptions", "InversionTrainingOptions",
                                     "InversionTrainTextualInversion"},
     "11_several_concepts": {"InversionAddConcept", "InversionTrainTextualInversion"},
+    "12_pivotal_tuning_lora": {"InversionLoraOptions", "InversionTrainTextualInversion", "InversionSaveLoraEmbedding",
+                               "InversionLoadLoraEmbedding"},
 }
 METHOD = {"01": "vanilla", "02": "high_grad", "03": "adaptive", "04": "directional"}
 # Stock model loaders: node type -> (the widget naming the file, the models sub-folder it reads).

@@ -61,6 +61,7 @@ async (spec) => {
       node.bgcolor = spec.note_color[1];
     }
     if (n.size) node.setSize(n.size);
+    if (n.mode) node.mode = n.mode;
     byKey[n.key] = node;
   }
   for (const [a, out, b, inp] of spec.links) {

@@ -24,6 +24,7 @@ class N:
     size: tuple[int, int] | None = None
     row: int = 0  # layout band: rows are stacked top to bottom
     models: list[dict[str, str]] | None = None  # properties.models: the files a loader needs, with URLs
+    mode: int = 0  # LiteGraph's node mode: 0 always, 2 never (muted: the user unmutes it with Ctrl+M)
 
 
 @dataclass
@@ -384,5 +385,49 @@ WORKFLOWS: list[W] = [
         ("ckpt", "CLIP", "init2", "clip"), ("init2", "init", "add", "init"),
         ("images2", "images", "add", "images"), ("images2", "masks", "add", "masks"),
         ("add", "concepts", "train", "concepts"), ("train", "paths", "paths", "source"),
+    ]),
+    W("12_pivotal_tuning_lora", [
+        note("PIVOTAL TUNING: AN EMBEDDING AND A LORA TRAINED TOGETHER",
+             "LoRA Options on the trainer's lora input trains a LoRA on the UNet's attention together with the "
+             "embedding (rank, alpha and its own learning rate on the node). The trainer writes "
+             f"models/embeddings/{CONCEPT}.safetensors and models/loras/{CONCEPT}.safetensors (kohya keys: ComfyUI's "
+             "LoraLoader and A1111/Forge load it) and outputs the model with the LoRA, which the middle row samples "
+             "with at once.",
+             "Save LoRA + Embedding writes the pair as A1111's bundle (one LoRA file with the embedding inside, "
+             f"models/loras/{CONCEPT}_bundle.safetensors), or as two files. The bottom row is muted: after the "
+             "first run, select it and press Ctrl+M; Load LoRA + Embedding applies the saved file's LoRA with "
+             "ComfyUI's loader and its embedding as the trigger word, as in any later session.", SETUP,
+             size=(460, 420)),
+        checkpoint(SD15),
+        load_images(512),
+        N("init", "InversionCaptionInit", {"mode": "manual", "text": "a toy"}),
+        N("lora", "InversionLoraOptions", {"rank": 4, "alpha": 4.0, "learning_rate": 1e-4, "start": 0.0,
+                                           "blocks": "all", "layers": "attention"}),
+        train("adaptive", 500),
+        N("chart", "PreviewImage"),
+        N("save_pair", "InversionSaveLoraEmbedding", {"name": "", "layout": "A1111 bundle (one LoRA file)",
+                                                      "overwrite": False}),
+        *sample_nodes(f"a photo of {CONCEPT} on a wooden table, sunlight"),
+        *[N(k, t, w, row=2, mode=2) for k, t, w in (
+            ("load_pair", "InversionLoadLoraEmbedding", {"lora_name": f"{CONCEPT}_bundle.safetensors",
+                                                         "strength_model": 1.0, "strength_clip": 1.0,
+                                                         "embedding": "auto", "embedding_strength": 1.0}),
+            ("pos2", "CLIPTextEncode", {"text": f"a painting of {CONCEPT} in a garden"}),
+            ("neg2", "CLIPTextEncode", {"text": "blurry, low quality, watermark, text"}),
+            ("latent2", "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}),
+            ("sampler2", "KSampler", {"seed": 2, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0,
+                                      "sampler_name": "euler_ancestral", "scheduler": "normal", "denoise": 1.0}),
+            ("decode2", "VAEDecode", {}),
+            ("save2", "SaveImage", {"filename_prefix": f"inversion/{CONCEPT}-from-files"}),
+        )],
+    ], [link for link in TRAIN_LINKS + SAMPLE_LINKS if link != ("ckpt", "MODEL", "sampler", "model")] + [
+        ("lora", "lora", "train", "lora"), ("train", "MODEL", "sampler", "model"),
+        ("train", "lora_path", "save_pair", "lora_path"), ("train", "embedding", "save_pair", "embedding"),
+        ("ckpt", "MODEL", "load_pair", "model"), ("ckpt", "CLIP", "load_pair", "clip"),
+        ("load_pair", "clip", "pos2", "clip"), ("ckpt", "CLIP", "neg2", "clip"),
+        ("load_pair", "model", "sampler2", "model"), ("pos2", "CONDITIONING", "sampler2", "positive"),
+        ("neg2", "CONDITIONING", "sampler2", "negative"), ("latent2", "LATENT", "sampler2", "latent_image"),
+        ("sampler2", "LATENT", "decode2", "samples"), ("ckpt", "VAE", "decode2", "vae"),
+        ("decode2", "IMAGE", "save2", "images"),
     ]),
 ]

@@ -232,6 +232,53 @@ Not measured yet: what the LoRA buys in likeness and costs in prompt faithfulnes
 world's rows are still to come).
 """,
     },
+    "InversionSaveLoraEmbedding": {
+        "body": """\
+## Two files or one
+
+- **two files (every UI)**: `models/loras/<name>.safetensors` (kohya keys) and
+  `models/embeddings/<name>.safetensors`. ComfyUI (Load LoRA + `embedding:<name>`), A1111/Forge,
+  InvokeAI and diffusers all load this pair. A file the trainer already wrote with the same
+  contents is left as it is.
+- **A1111 bundle (one LoRA file)**: the LoRA with each embedding inside as
+  `bundle_emb.<word>.string_to_param.*` (SD1/SD2) or `bundle_emb.<word>.clip_l` / `.clip_g`
+  (SDXL). A1111 loads the LoRA and makes each word a trigger. Load LoRA + Embedding reads it in
+  ComfyUI. ComfyUI's own Load LoRA ignores the embeddings and logs `lora key not loaded:
+  bundle_emb...`.
+
+**Forge**: Forge skips a whole LoRA that has more than 12 keys it cannot match, and each bundled
+tensor is one such key (an SDXL concept is two). Use two files for Forge, or for more than a few
+concepts.
+
+Several concepts: wire the trainer's **paths** output into **paths** and every concept goes with
+the LoRA, each under its own word. A word cannot contain a dot, because A1111 cuts bundle keys at
+dots. With **overwrite** off, an existing file is an error and nothing is written.
+""",
+    },
+    "InversionLoadLoraEmbedding": {
+        "body": """\
+## What it reads
+
+One LoRA file from `models/loras`. The LoRA's own keys go to ComfyUI's LoRA loader (the code
+Load LoRA runs, with **strength_model** and **strength_clip**), so nothing is logged as not
+loaded. Every embedding in the file becomes its own trigger word, through the same route as Apply
+Learned Embedding. It reads:
+
+- A1111's and OneTrainer's bundles: `bundle_emb.<word>.string_to_param.*`, `.emb_params`,
+  `.clip_l` / `.clip_g`.
+- ai-toolkit's unprefixed `emb_params`, or `clip_l` / `clip_g`. This one is named after the file,
+  or after the `name` in its header.
+
+A LoRA without bundled embeddings (**embedding** = auto) gets the file beside it:
+`models/embeddings/<lora name>.safetensors` (this pack's two-file pair), or
+`<lora name>_emb.safetensors` next to the LoRA (diffusers' advanced scripts). Choose a file to use
+another one. Choose none to load the LoRA alone. The **triggers** output lists the words for your
+prompts.
+
+T5 vectors (Flux/SD3 bundles) are refused with a message: this version learns and applies CLIP
+vectors only.
+""",
+    },
     "InversionTrainingOptions": {
         "body": """\
 ## What it is for

@@ -529,6 +529,49 @@ def test_a_warning_reaches_the_user_as_a_toast(page, server):
     assert not _pack_errors(page), _pack_errors(page)
 
 
+def _saved_images(page, prefix: str) -> list[dict]:
+    executed = page.evaluate("window.__inversionExecuted")
+    return [img for e in executed if e.get("output") for img in e["output"].get("images", [])
+            if img.get("type") == "output" and img["filename"].startswith(prefix)]
+
+
+def test_example_12_trains_the_pair_then_samples_from_the_saved_bundle(page, server):
+    """Example 12 on the random SD1.5: the trainer trains the embedding with a LoRA, Save LoRA + Embedding
+    writes the A1111 bundle and the middle row samples with the trainer's model; then the muted bottom row,
+    unmuted as its note says, samples from the saved file through Load LoRA + Embedding."""
+    with open(next(p for p in WORKFLOWS if "12_pivotal" in p)) as f:
+        wf = json.load(f)
+    _load_workflow(page, wf, "browser-pivotal")
+    name = f"browser-pivotal-{int(time.time())}"
+    applied = _set_widgets(page, {"ckpt_name": server.ckpt_name, "folder": server.concept_folder, "size": 64,
+                                  "width": 64, "height": 64, "steps": 2, "batch_size": 1, "name": name,
+                                  "filename_prefix": name}, only={"name": [TRAIN]})
+    assert applied.count("steps") == 3 and applied.count("name") == 1, applied
+    muted = page.evaluate("window.comfyAPI.app.app.graph.nodes.filter((n) => n.mode === 2).map((n) => n.type)")
+    assert "InversionLoadLoraEmbedding" in muted and "KSampler" in muted
+    done = _queue_and_wait(page, timeout=900)
+    assert done == "success", f"{done}\n{server.log_tail()}"
+    bundle = os.path.join(server.base_dir, "models", "loras", f"{name}_bundle.safetensors")
+    assert os.path.isfile(bundle) and os.path.isfile(os.path.join(server.base_dir, "models", "loras",
+                                                                  f"{name}.safetensors"))
+    assert _saved_images(page, name)  # the middle row; the bottom row is muted
+    page.evaluate(f"""(() => {{
+        const g = window.comfyAPI.app.app.graph;
+        for (const n of g.nodes.filter((n) => n.mode === 2)) n.mode = 0;
+        g.nodes.find((n) => n.type === 'InversionLoadLoraEmbedding').widgets
+            .find((w) => w.name === 'lora_name').value = {json.dumps(f"{name}_bundle.safetensors")};
+        const last = g.nodes.filter((n) => n.type === 'SaveImage').sort((a, b) => b.pos[1] - a.pos[1])[0];
+        last.widgets.find((w) => w.name === 'filename_prefix').value = {json.dumps(f"{name}-files")};
+        return true;
+    }})()""")
+    done = _queue_and_wait(page, timeout=900)
+    assert done == "success", f"{done}\n{server.log_tail()}"
+    assert _saved_images(page, f"{name}-files")  # the bottom row, from the saved bundle
+    assert "lora key not loaded" not in server.log_tail()
+    page.screenshot(_artifact(page, "browser_pivotal_tuning.png"))
+    assert not _pack_errors(page), _pack_errors(page)
+
+
 @pytest.fixture(scope="module")
 def unclip_ckpt(server, request) -> str:
     """The random full-size SD2.1 unCLIP-H checkpoint (built once, ~4 GB, cached), linked into the server."""

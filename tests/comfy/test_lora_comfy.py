@@ -169,3 +169,77 @@ def test_cancel_then_resume_gives_the_uninterrupted_vectors_and_lora(comfyui, sd
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- the pair's files: Save / Load LoRA + Embedding
+
+def _cond(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text), return_pooled=False).clone()
+
+
+@pytest.mark.parametrize("layout", ["A1111 bundle (one LoRA file)", "two files (every UI)"])
+def test_the_saved_pair_loads_back_as_the_trained_model_and_word(comfyui, sd2, caplog, layout):
+    import comfy.sd
+    from devtools import harness
+
+    nodes = _nodes(comfyui)
+    out = _train_pair(comfyui, sd2, "toypair")
+    emb, model_out, lora_file = out.args[0], out.args[5], out.args[6]
+    name = "toypair_b" if layout.startswith("A1111") else "toypair_two"
+    saved = harness.run_node(nodes["SaveLoraEmbedding"], lora_path=lora_file, embedding=emb, name=name,
+                             layout=layout, overwrite=False)
+    written = Path(saved.args[0])
+    assert written.name == f"{name}.safetensors" and written.is_file()
+    tensors, _ = comfyui.mod("inversion.files.safefile").read_safetensors(written)
+    bundled = [k for k in tensors if k.startswith("bundle_emb.")]
+    assert bundled == (["bundle_emb.toypair.string_to_param.*"] if layout.startswith("A1111") else [])
+    if bundled:
+        comfyui.mod("inversion.files.bundle").a1111_bundle_words(tensors)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):  # what ComfyUI's own LoraLoader makes of a bundle
+            comfy.sd.load_lora_for_models(sd2.model, sd2.clip, tensors, 1.0, 1.0)
+        assert any("bundle_emb" in r.getMessage() for r in caplog.records)
+    else:
+        assert saved.args[1] == str(Path(comfyui.embeddings_dir) / f"{name}.safetensors")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = harness.run_node(nodes["LoadLoraEmbedding"], model=sd2.model, clip=sd2.clip,
+                                  lora_name=written.name, strength_model=1.0, strength_clip=1.0,
+                                  embedding="auto", embedding_strength=1.0)
+    assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    model, clip, triggers = loaded.args
+    word = "toypair" if bundled else name
+    assert triggers == word
+    applied = harness.run_node(nodes["ApplyLearnedEmbedding"], clip=sd2.clip, embedding=emb, trigger=word,
+                               strength=1.0).args[0]
+    torch.testing.assert_close(_cond(clip, f"a photo of {word}"), _cond(applied, f"a photo of {word}"))
+    assert not torch.allclose(_cond(clip, f"a photo of {word}"), _cond(sd2.clip, f"a photo of {word}"))
+    assert torch.allclose(_eps(comfyui, model, sd2.clip, emb.vectors), _eps(comfyui, model_out, sd2.clip, emb.vectors),
+                          atol=1e-5)
+
+
+def test_a_bundle_of_two_concepts_gives_two_words_and_nothing_is_overwritten(comfyui, sd2):
+    from devtools import harness
+
+    nodes = _nodes(comfyui)
+    out = _train_pair(comfyui, sd2, "toyone")
+    other = comfyui.mod("inversion.embedding").LearnedEmbedding(
+        "toytwo", {"clip_h": torch.randn(2, out.args[0].vectors["clip_h"].shape[1])})
+    other_file = comfyui.mod("inversion.files.formats").save_embedding(
+        other, Path(comfyui.embeddings_dir) / "toytwo.safetensors", overwrite=True)
+    save = dict(lora_path=out.args[6], embedding=out.args[0], name="toyboth", layout="A1111 bundle (one LoRA file)",
+                overwrite=False, paths=f"{out.args[2]}\n{other_file}")
+    written = Path(harness.run_node(nodes["SaveLoraEmbedding"], **save).args[0])
+    before = written.read_bytes()
+    with pytest.raises(ValueError, match="exists; nothing was written"):
+        harness.run_node(nodes["SaveLoraEmbedding"], **save)
+    assert written.read_bytes() == before
+    loaded = harness.run_node(nodes["LoadLoraEmbedding"], model=sd2.model, clip=sd2.clip, lora_name=written.name,
+                              strength_model=1.0, strength_clip=0.0, embedding="auto", embedding_strength=1.0)
+    assert loaded.args[2] == "toyone, toytwo"
+    clip = loaded.args[1]
+    assert not torch.allclose(_cond(clip, "a photo of toyone"), _cond(clip, "a photo of toytwo"))
+    with pytest.raises(ValueError, match="cannot hold a '.'"):
+        harness.run_node(nodes["SaveLoraEmbedding"], **{**save, "name": "x", "embedding": other.__class__(
+            "toy.v2", other.vectors)})
