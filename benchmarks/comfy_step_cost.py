@@ -16,6 +16,13 @@ subprocess (so each peak resident memory is its own) and prints the gain.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfy_step_cost.py [--batch 1] [--size 64] [--reps 7]
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfy_step_cost.py --size 512 --reps 1 --attention both
+
+``--lora compare``: pivotal tuning's cost (issue 25). The Trainer step without a LoRA and with LoRA Options'
+defaults (rank 4 on the attention projections, ComfyUI's own adapters on a MODEL clone, as the trainer node
+builds it), each in its own subprocess (each peak resident memory its own); prints the ratios. ``--lora on``
+measures one process with the LoRA.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfy_step_cost.py --lora compare --size 256 --reps 3
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ class PeakRSS:
         self.peak = max(self.peak, self.current())
 
 
-def step_functions(mods, host, model, B: int, k: int, lat: int) -> tuple[dict, list[torch.Tensor]]:
+def step_functions(mods, host, model, B: int, k: int, lat: int, groups=()) -> tuple[dict, list[torch.Tensor]]:
     """The four measured callables (floor TE, floor UNet, adapter step, a whole Trainer step) over
     one training host; returns them and the learned vectors, one per text encoder (whose ``.grad``
     the caller clears)."""
@@ -131,7 +138,7 @@ def step_functions(mods, host, model, B: int, k: int, lat: int) -> tuple[dict, l
         emb_mod.LearnedEmbedding("bench", {key: v.detach().clone() for key, v in vectors.items()}, "<c>"),
         x0.detach().clone())
     trainer = trainer_mod.Trainer(host.text_side, host.denoiser, [concept], trainer_mod.TrainConfig(
-        steps=10**6, batch_size=B, templates=("a photo of a {}",), flip=False))
+        steps=10**6, batch_size=B, templates=("a photo of a {}",), flip=False), groups=list(groups))
 
     def trainer_step():
         trainer.train_step()
@@ -144,7 +151,7 @@ def pack_modules() -> dict:
     name = harness.PACK_MODULE
     return {m.rsplit(".", 1)[-1]: importlib.import_module(f"{name}.{m}")
             for m in ("nodes.comfy_host", "nodes.comfy_attention", "inversion.data.prompts", "inversion.trainer",
-                      "inversion.embedding")}
+                      "inversion.embedding", "nodes.comfy_lora", "inversion.lora")}
 
 
 def attention_choice(mods, attention: str):
@@ -167,13 +174,19 @@ def measure(args) -> dict:
     training_host = attention_choice(mods, args.attention)
     model, clip, _ = harness.load_checkpoint(env, harness.install_checkpoint(env, harness.sd15_checkpoint()))
 
+    groups = []
+    if args.lora == "on":  # as the trainer node: ComfyUI's adapters on a clone, outside inference mode
+        model, group = mods["comfy_lora"].lora_clone(model, mods["lora"].LoraSpec(), steps=10**6, seed=0)
+        groups.append(group)
     B, k, lat = args.batch, args.vectors, args.size // 8
     torch.manual_seed(0)
     cpu_times: dict[str, list[float]] = {}
     times: dict[str, list[float]] = {}
     with torch.inference_mode():  # as inside a ComfyUI prompt
         with training_host(model, clip) as host:
-            fns, vectors = step_functions(mods, host, model, B, k, lat)
+            fns, vectors = step_functions(mods, host, model, B, k, lat, groups)
+            if groups:  # the floors and the bare adapter step do not train the LoRA: only the Trainer step
+                fns = {"trainer_step": fns["trainer_step"]}
 
             def timed(name):
                 start, cpu = time.perf_counter(), time.process_time()
@@ -221,6 +234,37 @@ def report(args, r: dict) -> None:
           f"{r['rss_peak'] / 2**30:.2f} GiB (+{(r['rss_peak'] - r['rss_start']) / 2**30:.2f})")
 
 
+def _child(args, attention: str, lora: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--size", str(args.size),
+           "--reps", str(args.reps), "--vectors", str(args.vectors), "--attention", attention, "--lora", lora,
+           "--json", path]
+    subprocess.run(cmd, check=True)
+    with open(path) as f:
+        out = json.load(f)
+    os.unlink(path)
+    return out
+
+
+def compare_lora(args) -> None:
+    """The Trainer step without and with the LoRA, each in its own process, alternated ``--pairs`` times."""
+    runs = {"off": [], "on": []}
+    for _ in range(args.pairs):
+        for lora in ("off", "on"):
+            runs[lora].append(_child(args, "sdpa", lora))
+    t = {k: min(min(r["times"]["trainer_step"]) for r in v) for k, v in runs.items()}
+    mem = {k: min(r["rss_peak"] - r["rss_start"] for r in v) for k, v in runs.items()}
+    peak = {k: min(r["rss_peak"] for r in v) for k, v in runs.items()}
+    print(f"pivotal tuning's cost, random SD1.5, {args.size} px, batch {args.batch}, k={args.vectors}, {args.reps} "
+          f"steps x {args.pairs} process pairs (minima):")
+    print(f"  Trainer step: embedding alone {t['off']:.2f} s, with the LoRA (rank 4, attention) {t['on']:.2f} s, "
+          f"ratio {t['on'] / t['off']:.2f}")
+    print(f"  peak RSS: alone {peak['off'] / 2**30:.2f} GiB (+{mem['off'] / 2**30:.2f} during the steps), with the "
+          f"LoRA {peak['on'] / 2**30:.2f} GiB (+{mem['on'] / 2**30:.2f}); ratio of the peaks "
+          f"{peak['on'] / peak['off']:.3f}")
+
+
 def both(args) -> None:
     """Each attention in its own process (a process's memory peak is its own), then the gain."""
     results = {}
@@ -252,13 +296,23 @@ def main() -> None:
     ap.add_argument("--vectors", type=int, default=2, help="learned vectors (k)")
     ap.add_argument("--attention", choices=("comfy", "sdpa", "both"), default="sdpa",
                     help="the UNet's attention: the trainer's SDPA, ComfyUI's default, or both compared")
+    ap.add_argument("--lora", choices=("off", "on", "compare"), default="off",
+                    help="pivotal tuning: a LoRA trained with the vectors (compare: without and with, own processes)")
+    ap.add_argument("--pairs", type=int, default=2, help="--lora compare: alternated process pairs")
     ap.add_argument("--json", help=argparse.SUPPRESS)  # where a child of --attention both writes its result
     args = ap.parse_args()
+    if args.lora == "compare":
+        compare_lora(args)
+        return
     if args.attention == "both":
         both(args)
         return
     r = measure(args)
-    report(args, r)
+    if args.lora == "on":
+        print(f"with the LoRA: Trainer step min {min(r['times']['trainer_step']):.3f} s, peak RSS "
+              f"{r['rss_peak'] / 2**30:.2f} GiB")
+    else:
+        report(args, r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f)

@@ -211,7 +211,8 @@ def _part_file(out: str, stage: str, part: int) -> str:
 
 def jobs(stage: str, args) -> list[tuple[str, Recipe, int]]:
     """(task, recipe, seed) in a fixed order, seed by seed, so a stopped part has the same seeds of every recipe."""
-    chosen = [r for r in recipes(stage) if not args.only or any(s in r.name for s in args.only)]
+    chosen = [r for r in recipes(stage) if not args.only or any(s[1:] == r.name if s.startswith("=") else s in r.name
+                                                                for s in args.only)]
     return [(t, r, task.first_seed + i) for i in range(args.seeds) for t, task in TASKS.items()
             if not args.tasks or t in args.tasks for r in chosen]
 
@@ -229,7 +230,8 @@ def base_lr_from(out: str, given: str) -> float:
 
 def run_stage(world, args, stage: str, part: int, parts: int, base_lr: float) -> None:
     path = _part_file(args.out, stage, part)
-    have = {(r["cell"], r["variant"], r["seed"]) for r in _read(path) if r.get("kind") == "run"}
+    # every part's finished runs count: a re-split (other --only or part count) re-runs nothing
+    have = {(r["cell"], r["variant"], r["seed"]) for r in _runs(args.out, stage)}
     todo = [j for j in jobs(stage, args)[part::parts] if (j[0], j[1].name, j[2]) not in have]
     _append(path, {"kind": "meta", "stage": stage, "base_lr": base_lr, "steps": args.steps, "n": args.n,
                    "recipes": [asdict(r) for r in recipes(stage)]})
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge", action="store_true", help="join the parts with the step costs: tables and chart")
     ap.add_argument("--costs", action="store_true", help="every recipe's step cost, one process, interleaved")
     ap.add_argument("--quick", action="store_true", help="a smoke test: 2 recipes, 1 seed, 20 steps, task A")
-    ap.add_argument("--only", nargs="*", default=None, help="substrings of recipe names to run")
+    ap.add_argument("--only", nargs="*", default=None, help="substrings of recipe names to run (=name: that name only)")
     ap.add_argument("--tasks", nargs="*", default=None, help="A and/or B (default: both)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=STEPS)

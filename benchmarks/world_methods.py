@@ -54,6 +54,7 @@ from benchmarks.world_stats import (area_under_curve, bootstrap_ci, holm, median
                                     seconds_to_threshold, sign_flip_p, steps_to_threshold, value_at)
 from inversion.charts import curves_chart, profile_chart  # noqa: E402
 from inversion.embedding import LearnedEmbedding  # noqa: E402
+from inversion.lora import LoraGroup, LoraSpec  # noqa: E402
 from inversion.data.imageprep import to_pil  # noqa: E402
 from inversion.methods.init import from_text, from_word  # noqa: E402
 from inversion.methods.optim import AdamW, RiemannianSGD  # noqa: E402
@@ -121,6 +122,7 @@ class Variant:
     reading: str = "tokens"  # seeds/000 Eq. 4's reading (adaptive, high_grad)
     regularizer: str = ""  # "", "l2_init"
     settings: tuple[str, ...] = ("user",)  # the settings it runs at
+    lora_lr: float = 0.0  # > 0: pivotal tuning, a LoRA (LoRA Options' rank 4, alpha 4) on the UNet at this rate
 
 
 def variants() -> list[Variant]:
@@ -205,8 +207,10 @@ def _regularizers(v: Variant) -> list:
     return [L2ToInit(1e-2)] if v.regularizer == "l2_init" else []
 
 
-def make_trainer(world, images, v: Variant, setting: Setting, task: Task, seed: int, profile) -> Trainer:
-    """The run of ``v`` at ``setting`` on ``task`` with ``seed``, as the node would build it."""
+def make_trainer(world, images, v: Variant, setting: Setting, task: Task, seed: int, profile,
+                 groups: tuple = ()) -> Trainer:
+    """The run of ``v`` at ``setting`` on ``task`` with ``seed``, as the node would build it (``groups``: more
+    parameter groups, e.g. ``lora_group``'s)."""
     vec = init_vectors(world, v.init, task)
     emb = LearnedEmbedding("concept", vec, C, {"init": v.init})
     concepts = [prepare_concept(world.latents, images, emb, flip=True)]
@@ -217,11 +221,28 @@ def make_trainer(world, images, v: Variant, setting: Setting, task: Task, seed: 
     cfg = TrainConfig(steps=setting.steps, batch_size=setting.batch, lr=lr, templates=world.templates, seed=seed,
                       g_reading=v.reading)
     return Trainer(world.text, world.denoiser, concepts, cfg, timesteps=method.sampler, optimizer=method.optimizer,
-                   regularizers=_regularizers(v))
+                   regularizers=_regularizers(v), groups=list(groups))
+
+
+def lora_group(world, v: Variant, setting: Setting, seed: int) -> LoraGroup | None:
+    """``v``'s LoRA on the world's UNet (peft, in place: the judge then samples with it; ``remove()`` after)."""
+    if v.lora_lr <= 0:
+        return None
+    return LoraGroup(world.unet, LoraSpec(rank=4, alpha=4.0, lr=v.lora_lr, targets=("q", "k", "v", "out")),
+                     setting.steps, seed=seed)
 
 
 def run_one(world, images, v: Variant, setting: Setting, task: Task, seed: int, args, profile) -> RunResult:
-    tr = make_trainer(world, images, v, setting, task, seed, profile)
+    group = lora_group(world, v, setting, seed)
+    try:
+        return _run_one(world, images, v, setting, task, seed, args, profile, group)
+    finally:
+        if group is not None:
+            group.remove()
+
+
+def _run_one(world, images, v: Variant, setting: Setting, task: Task, seed: int, args, profile, group) -> RunResult:
+    tr = make_trainer(world, images, v, setting, task, seed, profile, () if group is None else (group,))
     res = RunResult(v.name, seed, cell_name(setting.name, task.name), timesteps=tr.sampler.describe())
     evals = sorted(set([0] + [s for s in setting.evals if s <= setting.steps] + [setting.steps]))
     prompt = f"a photo of a {C}"

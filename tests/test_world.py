@@ -303,3 +303,46 @@ def test_speedup_is_the_ratio_of_median_seconds_and_never_is_zero():
     ratio, lo, hi = speedup_ci(base, mine)
     assert abs(ratio - 14.5 / 2.45) < 1e-9 and lo <= ratio <= hi
     assert speedup_ci(base, {s: float("inf") for s in range(10)})[0] == 0.0
+
+
+def test_world_lora_quick_trains_the_lora_beside_the_vectors_and_pairs_the_arms(tmp_path):
+    import json
+
+    from benchmarks import world_lora as mod
+
+    mod.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "world_lora.json").read_text())
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert set(runs) == {a.name for a in mod.arms()}
+    assert runs[mod.ALONE]["loss"][0] == runs["+ LoRA 1e-3"]["loss"][0]  # the LoRA starts at zero
+    row = data["summary"]["A"]["+ LoRA 1e-3"]
+    assert {"d_end", "d_at_equal_time", "d_edit_both", "d_attribute"} <= set(row)
+    costs = data["costs"]["seconds_per_step"]
+    assert costs["+ LoRA 1e-3"] > 0 and costs[mod.ALONE] > 0
+    assert "| + LoRA 1e-4 |" in (tmp_path / "world_lora.md").read_text()
+
+
+def test_a_world_lora_trains_through_the_judges_unet_and_is_taken_off_after():
+    from dataclasses import replace
+
+    import torch
+
+    from benchmarks import world_methods as wm
+    from inversion.methods.init import from_word
+    from inversion.world import GENERIC, load_world
+
+    world = load_world()
+    task, setting = wm.TASKS["A"], wm.SETTINGS["user"]
+    images = wm.task_images(world, task, 5)
+    arm = replace(next(v for v in wm.variants() if v.name == wm.DEFAULT), lora_lr=1e-2)
+    profile = wm.measure_profile(world, images, from_word(world.text, GENERIC, 1), True, "tokens")
+    before = {k: v.clone() for k, v in world.unet.state_dict().items()}
+    group = wm.lora_group(world, arm, setting, seed=0)
+    tr = wm.make_trainer(world, images, arm, setting, task, 0, profile, (group,))
+    for _ in range(3):
+        info = tr.train_step()
+    assert info.groups["lora"]["delta_norm"] > 0 and len(group.paths) > 0
+    assert any(".base_layer." in k for k in world.unet.state_dict())  # the UNet the judge samples with has it
+    group.remove()
+    after = world.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
