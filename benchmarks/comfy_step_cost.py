@@ -185,7 +185,7 @@ def measure(args) -> dict:
     with torch.inference_mode():  # as inside a ComfyUI prompt
         with training_host(model, clip) as host:
             fns, vectors = step_functions(mods, host, model, B, k, lat, groups)
-            if groups:  # the floors and the bare adapter step do not train the LoRA: only the Trainer step
+            if groups or args.trainer_only:  # the floors and the bare adapter step do not train a LoRA
                 fns = {"trainer_step": fns["trainer_step"]}
 
             def timed(name):
@@ -239,7 +239,7 @@ def _child(args, attention: str, lora: str) -> dict:
         path = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--size", str(args.size),
            "--reps", str(args.reps), "--vectors", str(args.vectors), "--attention", attention, "--lora", lora,
-           "--json", path]
+           "--json", path, "--trainer-only"]
     subprocess.run(cmd, check=True)
     with open(path) as f:
         out = json.load(f)
@@ -299,6 +299,7 @@ def main() -> None:
     ap.add_argument("--lora", choices=("off", "on", "compare"), default="off",
                     help="pivotal tuning: a LoRA trained with the vectors (compare: without and with, own processes)")
     ap.add_argument("--pairs", type=int, default=2, help="--lora compare: alternated process pairs")
+    ap.add_argument("--trainer-only", action="store_true", help=argparse.SUPPRESS)  # compare's children: the same work
     ap.add_argument("--json", help=argparse.SUPPRESS)  # where a child of --attention both writes its result
     args = ap.parse_args()
     if args.lora == "compare":
@@ -308,8 +309,8 @@ def main() -> None:
         both(args)
         return
     r = measure(args)
-    if args.lora == "on":
-        print(f"with the LoRA: Trainer step min {min(r['times']['trainer_step']):.3f} s, peak RSS "
+    if args.lora == "on" or args.trainer_only:
+        print(f"{'with' if args.lora == 'on' else 'without'} the LoRA: Trainer step min {min(r['times']['trainer_step']):.3f} s, peak RSS "
               f"{r['rss_peak'] / 2**30:.2f} GiB")
     else:
         report(args, r)

@@ -228,8 +228,18 @@ own LoRA adapters, as core's Train LoRA makes them), each with its own learning 
 - **start** > 0 trains the embedding alone for that fraction of the steps before the LoRA joins it,
   the order diffusers' pivotal-tuning scripts use.
 
-Not measured yet: what the LoRA buys in likeness and costs in prompt faithfulness (the miniature
-world's rows are still to come).
+## What it was measured to do
+
+On the miniature world (README, "An embedding and a LoRA together"; 10 paired seeds on each of two
+tasks):
+- At the default rate, 1e-4, the LoRA changed nothing measurable.
+- At 1e-3 it reached the concept in fewer steps (150 vs 200, and 125 vs 175), but not in less time,
+  because a step costs more.
+- Edit faithfulness was level at both rates.
+
+On the random SD1.5 checkpoint, a step with the LoRA took 1.21x as long and about 0.65 GiB more
+memory. The world's concept is one the text encoder nearly expresses, so likeness of real subjects
+is not measured there. Use **Save LoRA + Embedding** for A1111's one-file bundle.
 """,
     },
     "InversionSaveLoraEmbedding": {
