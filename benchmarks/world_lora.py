@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("-n", type=int, default=24)
     ap.add_argument("--ddim", type=int, default=10)
     ap.add_argument("--images", type=int, default=5)
-    ap.add_argument("--cost-rounds", type=int, default=5)
-    ap.add_argument("--cost-steps", type=int, default=10)
+    ap.add_argument("--cost-rounds", type=int, default=15)  # 5 x 10 left +-15 % between two identical arms
+    ap.add_argument("--cost-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=os.path.join("docs", "results"))
     args = ap.parse_args(argv)
