@@ -234,12 +234,13 @@ def report(args, r: dict) -> None:
           f"{r['rss_peak'] / 2**30:.2f} GiB (+{(r['rss_peak'] - r['rss_start']) / 2**30:.2f})")
 
 
-def _child(args, attention: str, lora: str) -> dict:
+def _child(args, attention: str, lora: str = "off", trainer_only: bool = False) -> dict:
+    """This benchmark in a subprocess of its own (its peak resident memory its own); its result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--size", str(args.size),
            "--reps", str(args.reps), "--vectors", str(args.vectors), "--attention", attention, "--lora", lora,
-           "--json", path, "--trainer-only"]
+           "--json", path] + (["--trainer-only"] if trainer_only else [])
     subprocess.run(cmd, check=True)
     with open(path) as f:
         out = json.load(f)
@@ -252,7 +253,7 @@ def compare_lora(args) -> None:
     runs = {"off": [], "on": []}
     for _ in range(args.pairs):
         for lora in ("off", "on"):
-            runs[lora].append(_child(args, "sdpa", lora))
+            runs[lora].append(_child(args, "sdpa", lora, trainer_only=True))
     t = {k: min(min(r["times"]["trainer_step"]) for r in v) for k, v in runs.items()}
     mem = {k: min(r["rss_peak"] - r["rss_start"] for r in v) for k, v in runs.items()}
     peak = {k: min(r["rss_peak"] for r in v) for k, v in runs.items()}
@@ -267,16 +268,7 @@ def compare_lora(args) -> None:
 
 def both(args) -> None:
     """Each attention in its own process (a process's memory peak is its own), then the gain."""
-    results = {}
-    for attention in ("comfy", "sdpa"):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            path = f.name
-        cmd = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--size", str(args.size),
-               "--reps", str(args.reps), "--vectors", str(args.vectors), "--attention", attention, "--json", path]
-        subprocess.run(cmd, check=True)
-        with open(path) as f:
-            results[attention] = json.load(f)
-        os.unlink(path)
+    results = {attention: _child(args, attention) for attention in ("comfy", "sdpa")}
     c, s = results["comfy"], results["sdpa"]
     print(f"gain of SDPA over ComfyUI's default attention ({args.size} px, batch {args.batch}; minima):")
     for name, label in (("floor_unet", "UNet fwd+bwd"), ("adapter_step", "adapter step"), ("trainer_step", "Trainer step")):

@@ -22,7 +22,7 @@ import comfy.sd1_clip
 from ..inversion.embedding import LearnedEmbedding, validate_name
 from .comfy_host import encoder_keys
 
-__all__ = ["clip_with_embedding", "check_embedding_fits", "embedding_family"]
+__all__ = ["clip_with_embedding", "check_embedding_fits", "embedding_family", "for_clip", "GUESSED_KEY"]
 
 _TRIGGERS = "_inversion_triggers"  # attribute on a sub-tokenizer copy: {trigger: (tensor, strength)}
 _IDENTIFIER = "embedding:"
@@ -59,6 +59,19 @@ def check_embedding_fits(clip, emb: LearnedEmbedding, what: str = "embedding") -
             + "; the embedding belongs to a different model"
         )
     return widths
+
+
+GUESSED_KEY = "encoder_key_note"  # formats' note: a one-tensor file's encoder guessed from a non-standard width
+
+
+def for_clip(clip, emb: LearnedEmbedding) -> LearnedEmbedding:
+    """``emb`` on this CLIP's only encoder when its one tensor's encoder was a guess (``GUESSED_KEY``: a width no
+    standard CLIP has), as reading it with ``encoder_key=`` that encoder would give; otherwise ``emb`` itself."""
+    keys = encoder_keys(clip)
+    if GUESSED_KEY not in emb.metadata or len(keys) != 1 or len(emb.keys) != 1:
+        return emb
+    meta = {k: v for k, v in emb.metadata.items() if k != GUESSED_KEY}
+    return LearnedEmbedding(emb.name, {keys[0]: next(iter(emb.vectors.values()))}, emb.placeholder, meta)
 
 
 def _is_vocabulary_word(sub, word: str) -> bool:

@@ -13,8 +13,8 @@ from ..inversion.methods import inspect as inspection
 from ..inversion.files.checkpoint import STATE_SUFFIX
 from ..inversion.embedding import validate_name
 from ..inversion.methods.interpolate import slerp_embeddings
-from .comfy_embed import check_embedding_fits, clip_with_embedding
-from .comfy_host import comfy_text_side, encoder_keys
+from .comfy_embed import check_embedding_fits, clip_with_embedding, for_clip
+from .comfy_host import comfy_text_side
 from .comfy_run import embedding_path
 from .run_files import runs_dir
 from .types import EmbeddingType
@@ -243,11 +243,8 @@ def _embedding_to_inspect(clip, embedding, file) -> tuple:
             raise ValueError(f"embedding: connect an embedding, or choose a file instead of {FROM_INPUT}")
         return embedding, []
     path = folder_paths.get_full_path_or_raise("embeddings", file)
-    emb = formats.load_embedding(path, name_from_file=True)
-    keys = encoder_keys(clip)
-    if "encoder_key_note" in emb.metadata and len(keys) == 1:
-        # A one-tensor file of a width no standard CLIP has: it can only be meant for this CLIP's encoder.
-        emb = formats.load_embedding(path, name_from_file=True, encoder_key=keys[0])
+    # A one-tensor file of a width no standard CLIP has can only be meant for this CLIP's encoder.
+    emb = for_clip(clip, formats.load_embedding(path, name_from_file=True))
     ignored = ["(the embedding input is ignored: a file is chosen)"] if embedding is not None else []
     return emb, [f"file: {file}"] + ignored
 

@@ -19,12 +19,10 @@ from comfy_api.latest import io
 
 from ..inversion.embedding import LearnedEmbedding, validate_name
 from ..inversion.files import formats
-from ..inversion.files.formats import WIDTH_TO_KEY
-from ..inversion.files.bundle import FORGE_UNMATCHED_LIMIT, bundle_tensors, save_bundle, split_bundle
+from ..inversion.files.bundle import FORGE_UNMATCHED_LIMIT, save_bundle, split_bundle
 from ..inversion.files.lora_file import load_lora, lora_layers, save_lora
 from ..inversion.files.safefile import read_safetensors, torch_load_safely
-from .comfy_embed import check_embedding_fits, clip_with_embedding
-from .comfy_host import encoder_keys
+from .comfy_embed import check_embedding_fits, clip_with_embedding, for_clip
 from .comfy_run import embedding_path
 from .embedding_nodes import _embedding_files
 from .lora_nodes import lora_path as loras_file
@@ -67,8 +65,14 @@ def read_pair(lora_file: str, embedding: str) -> tuple[dict, list[LearnedEmbeddi
     tensors, meta = _read_lora_file(lora_file)
     lora, bundled = split_bundle(tensors, meta, stem=Path(lora_file).stem, where=os.path.basename(lora_file))
     notes = [f"bundled: {e.name} ({e.num_vectors} vectors, {', '.join(e.keys)})" for e in bundled]
+    if embedding == NONE:
+        return lora, [], notes
     embeddings = list(bundled)
-    if embedding == AUTO and not bundled:
+    if embedding != AUTO:
+        embeddings.append(formats.load_embedding(folder_paths.get_full_path_or_raise("embeddings", embedding),
+                                                 name_from_file=True))
+        notes.append(f"file: {embedding}")
+    elif not bundled:
         separate = _beside(lora_file)
         if separate:
             embeddings.append(formats.load_embedding(separate, name_from_file=True))
@@ -76,12 +80,6 @@ def read_pair(lora_file: str, embedding: str) -> tuple[dict, list[LearnedEmbeddi
         else:
             notes.append("no embedding bundled in the file or beside it (models/embeddings/<lora name>.safetensors, "
                          "<lora name>_emb.safetensors)")
-    elif embedding not in (AUTO, NONE):
-        path = folder_paths.get_full_path_or_raise("embeddings", embedding)
-        embeddings.append(formats.load_embedding(path, name_from_file=True))
-        notes.append(f"file: {embedding}")
-    if embedding == NONE:
-        embeddings = []
     words = [e.name for e in embeddings]
     if len(set(words)) != len(words):
         raise ValueError(f"embeddings {words}: two have the same word; choose embedding = none, or rename the file")
@@ -148,7 +146,9 @@ class LoadLoraEmbedding(io.ComfyNode):
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         lora, embeddings, notes = read_pair(path, embedding)
-        embeddings = [_fit(clip, e) for e in embeddings]
+        embeddings = [for_clip(clip, e) for e in embeddings]
+        for e in embeddings:
+            check_embedding_fits(clip, e)
         if lora and (strength_model != 0 or strength_clip != 0):
             model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
         elif not lora:
@@ -208,11 +208,12 @@ class SaveLoraEmbedding(io.ComfyNode):
         concepts = _concepts(embedding, paths)
         same = (lambda p: p.resolve() == Path(lora_path).resolve())
         if layout == BUNDLE:
-            bundle_tensors(concepts)  # refuses names A1111 cannot read before anything is written
             out_lora = loras_file(name.strip() or f"{embedding.name}_bundle")
-            if out_lora.exists() and not overwrite:
-                raise ValueError(f"{out_lora} exists; nothing was written. Switch overwrite on or choose another name")
-            written = save_bundle(lora, concepts, out_lora, metadata=meta, overwrite=overwrite)
+            try:  # refuses names A1111 cannot read, and an existing file, before anything is written
+                written = save_bundle(lora, concepts, out_lora, metadata=meta, overwrite=overwrite)
+            except FileExistsError:
+                raise ValueError(f"{out_lora} exists; nothing was written. Switch overwrite on or choose another "
+                                 "name") from None
             n = sum(len(e.keys) for e in concepts)
             note = f"bundled {', '.join(e.name for e in concepts)} in {written}"
             if n > FORGE_UNMATCHED_LIMIT:
@@ -233,23 +234,6 @@ class SaveLoraEmbedding(io.ComfyNode):
             formats.save_embedding(e, p, overwrite=overwrite)
         files = "\n".join(str(p) for p in emb_files)
         return io.NodeOutput(str(out_lora), files, ui={"text": [f"saved {out_lora}", files]})
-
-
-def _fit(clip, emb: LearnedEmbedding) -> LearnedEmbedding:
-    """``emb`` checked against the CLIP; a one-tensor embedding (string_to_param, emb_params) whose width the
-    standard CLIP widths do not name goes to a one-encoder CLIP of that width."""
-    keys = encoder_keys(clip)
-    if len(emb.keys) == 1 and len(keys) == 1 and emb.keys != keys:
-        vec = next(iter(emb.vectors.values()))
-        width = clip_width(clip, keys[0])
-        if vec.shape[1] == width and vec.shape[1] not in WIDTH_TO_KEY:
-            emb = LearnedEmbedding(emb.name, {keys[0]: vec}, emb.placeholder, dict(emb.metadata))
-    check_embedding_fits(clip, emb)
-    return emb
-
-
-def clip_width(clip, key: str) -> int:
-    return int(getattr(clip.cond_stage_model, key).transformer.get_input_embeddings().weight.shape[1])
 
 
 def _holds(path: Path, emb: LearnedEmbedding) -> bool:

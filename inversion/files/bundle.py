@@ -30,7 +30,7 @@ from typing import Mapping
 import torch
 
 from ..embedding import ENCODER_KEYS, LearnedEmbedding, validate_name
-from .formats import WIDTH_TO_KEY, _check_vectors
+from .formats import _check_vectors, _resolve_key
 from .lora_file import lora_layers
 from .safefile import atomic_save_safetensors
 
@@ -120,7 +120,7 @@ def a1111_bundle_words(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[st
     return words
 
 
-def _vectors(word: str, parts: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def _vectors(word: str, parts: Mapping[str, torch.Tensor], where: str, notes: dict[str, str]) -> dict[str, torch.Tensor]:
     out = {}
     for part, t in parts.items():
         if part not in _PART_KEYS:
@@ -131,7 +131,7 @@ def _vectors(word: str, parts: Mapping[str, torch.Tensor], where: str) -> dict[s
         if t.ndim != 2 or 0 in t.shape or not torch.isfinite(t).all():
             raise ValueError(f"{where}: embedding {word!r} part {part!r} is not a finite [k, d] tensor "
                              f"(shape {tuple(t.shape)})")
-        key = _PART_KEYS[part] or WIDTH_TO_KEY.get(int(t.shape[1]), "clip_l")
+        key = _PART_KEYS[part] or _resolve_key(int(t.shape[1]), {}, None, notes)
         if key not in ENCODER_KEYS:
             raise ValueError(f"{where}: embedding {word!r} has {key} vectors (Flux/SD3's T5); this version learns "
                              "and applies CLIP vectors only")
@@ -162,12 +162,13 @@ def split_bundle(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     embeddings = []
     for word, parts in words.items():
         name = word or _top_level_name(metadata, stem)
-        vec = _vectors(name, parts, where)
+        notes: dict[str, str] = {}
+        vec = _vectors(name, parts, where, notes)
         k = {v.shape[0] for v in vec.values()}
         if len(k) != 1:
             raise ValueError(f"{where}: embedding {name!r} has different numbers of vectors per encoder")
-        embeddings.append(LearnedEmbedding(validate_name(name), vec, metadata={"bundled_in": where, "bundle_part":
-                                                                                ",".join(sorted(parts))}))
+        meta = {"bundled_in": where, "bundle_part": ",".join(sorted(parts)), **notes}
+        embeddings.append(LearnedEmbedding(validate_name(name), vec, metadata=meta))
     return lora, embeddings
 
 
