@@ -318,13 +318,15 @@ def _tiny_unet(context_dim: int, adm: int | None) -> dict:
     return cfg
 
 
-def _tiny_vae(embedding_directory: str | None = None):
+def _tiny_vae(embedding_directory: str | None = None, channels: int = 4):
     import comfy.ldm.models.autoencoder as ae
     import comfy.sd
 
-    ddconfig = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1)
-    sd = randomize_(ae.AutoencoderKL(ddconfig=dict(ddconfig), embed_dim=4), 7).state_dict()
-    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    ddconfig = dict(SD_VAE, ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=channels)
+    sd = randomize_(ae.AutoencoderKL(ddconfig=dict(ddconfig), embed_dim=channels), 7).state_dict()
+    vae = comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": channels}})
+    vae.latent_channels = channels
+    return vae
 
 
 def _tiny(family: str, embedding_directory: str | None, seed: int):
@@ -367,6 +369,84 @@ def tiny_sdxl(embedding_directory: str | None = None, seed: int = 0):
 def tiny_sd2(embedding_directory: str | None = None, seed: int = 0):
     """(MODEL, CLIP, VAE): SD2 family, clip_h 48-d, v-prediction."""
     return _tiny("sd2", embedding_directory, seed)
+
+
+# ---------------------------------------------------------------- tiny SD3 / Flux objects
+
+TINY_T5 = {"d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 2}  # T5-XXL's layout, 2 narrow layers
+
+
+def _flow_clip(family: str, t5: bool, embedding_directory: str | None, seed: int):
+    """SD3's (clip_l 32-d, clip_g 64-d, T5 or not) or Flux's (clip_l 32-d, T5 48-d) CLIP, ComfyUI's classes with
+    small configs through ``model_options`` (``<key>_model_config``), as ComfyUI lets a loader shrink them.
+
+    SD3's T5 keeps its 4096 features: ``SD3ClipModel`` pads the CLIP states to 4096 and joins T5's tokens to
+    them, so its token table is the real one (32128 x 4096); its two layers are narrow (d_ff 32, 2 heads of 8)."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux_te
+    import comfy.text_encoders.sd3_clip as sd3_clip
+
+    opts = {"clip_l_model_config": _tiny_te(32)}
+    if family == "sd3":
+        opts.update(clip_g_model_config=_tiny_te(64), t5xxl_model_config=TINY_T5)
+        target = comfy.supported_models_base.ClipTarget(
+            sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=t5, dtype_t5=torch.float32))
+    else:
+        opts.update(t5xxl_model_config=dict(TINY_T5, d_model=48))
+        target = comfy.supported_models_base.ClipTarget(flux_te.FluxTokenizer, flux_te.flux_clip(dtype_t5=torch.float32))
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory, model_options=opts)
+    randomize_(clip.cond_stage_model, seed + 1, text_std=0.02)
+    return clip
+
+
+def _flux_config() -> dict:
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux_model
+
+    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+               mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+               patch_size=2, qkv_bias=True, guidance_embed=True, dtype=torch.float32)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(flux_model.FluxParams)}:  # ComfyUI v0.2x+
+        cfg["txt_ids_dims"] = []
+    return cfg
+
+
+def _tiny_flow(family: str, t5: bool, embedding_directory: str | None, seed: int):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        if family == "sd3":  # MMDiT: hidden = 64 x depth; y = [clip_l pooled 32, clip_g projected pooled 64]
+            config = comfy.supported_models.SD3({
+                "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+                "adm_in_channels": 96, "pos_embed_max_size": 32, "num_patches": 32 * 32, "pos_embed_scaling_factor": None,
+                "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                "dtype": torch.float32})
+        else:
+            config = comfy.supported_models.Flux(_flux_config())
+        model = randomize_(config.get_model({}, device=cpu), seed)
+        if family == "sd3":  # a buffer the checkpoint fills (torch.empty until then): SD3's fixed 2-D sin-cos table
+            import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+            table = mmdit.get_2d_sincos_pos_embed(128, 32)
+            model.diffusion_model.pos_embed.copy_(torch.from_numpy(table).float().unsqueeze(0))
+        clip = _flow_clip(family, t5, embedding_directory, seed)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        vae = _tiny_vae(channels=16)
+    return patcher, clip, vae
+
+
+def tiny_sd3(embedding_directory: str | None = None, seed: int = 0, t5: bool = True):
+    """(MODEL, CLIP, VAE): SD3 family (MMDiT depth 2, shift 3), clip_l 32-d + clip_g 64-d (+ T5, 4096-d, 2 layers)."""
+    return _tiny_flow("sd3", t5, embedding_directory, seed)
+
+
+def tiny_flux(embedding_directory: str | None = None, seed: int = 0):
+    """(MODEL, CLIP, VAE): Flux.1-dev family (1 double + 1 single block, guidance input), clip_l 32-d, T5 48-d."""
+    return _tiny_flow("flux", True, embedding_directory, seed)
 
 
 # ---------------------------------------------------------------- SDXL, full size (GPU benchmark)

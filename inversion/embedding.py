@@ -10,9 +10,10 @@ import torch
 __all__ = ["ENCODER_KEYS", "LearnedEmbedding", "validate_name"]
 
 # The text encoders an embedding can carry vectors for, in canonical order: SD1's CLIP ViT-L,
-# SD2's OpenCLIP ViT-H, SDXL's OpenCLIP ViT-bigG. It is ComfyUI's concatenation order (SDXL: l
-# then g) and the order a file without a stored key order is read back in.
-ENCODER_KEYS = ("clip_l", "clip_h", "clip_g")
+# SD2's OpenCLIP ViT-H, SDXL's OpenCLIP ViT-bigG, and the T5-XXL of SD3 and Flux (4096-d, ComfyUI's
+# key ``t5xxl``). It is ComfyUI's concatenation order (SDXL and SD3: l then g; SD3 appends T5's
+# tokens after the CLIP ones) and the order a file without a stored key order is read back in.
+ENCODER_KEYS = ("clip_l", "clip_h", "clip_g", "t5xxl")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 

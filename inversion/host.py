@@ -6,8 +6,12 @@ ComfyUI's MODEL/CLIP/VAE objects. Everything here is plain tensors.
 
 Conventions
 - A text encoder is addressed by its *key*: ``clip_l`` (CLIP ViT-L/14, 768-d), ``clip_h``
-  (OpenCLIP ViT-H, 1024-d), ``clip_g`` (OpenCLIP ViT-bigG, 1280-d). These are the keys SDXL
-  embedding files use, so one learned concept is a ``{key: [k, d]}`` mapping.
+  (OpenCLIP ViT-H, 1024-d), ``clip_g`` (OpenCLIP ViT-bigG, 1280-d), ``t5xxl`` (T5-XXL's encoder,
+  4096-d: SD3, Flux). These are the keys SDXL, SD3 and Flux embedding files use in ComfyUI, so one
+  learned concept is a ``{key: [k, d]}`` mapping.
+- An encoder may be *frozen* (``trainable = False``, e.g. T5 when only the CLIP encoders learn): its
+  rows of the concept stay at their initial values, the trainer neither optimises nor regularises
+  them, and the encoder may cache its outputs per prompt. An encoder without ``trainable`` learns.
 - A prompt reaches an encoder as ``ids`` [B, L] plus ``slots`` [B, L]: ``slots[b, i] = j >= 0``
   means position i of prompt b is the learned vector j (of the rows handed to ``encode``), and the
   id at that position is ignored; ``-1`` means "use the token table row of ``ids[b, i]``".
@@ -23,6 +27,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -37,6 +42,7 @@ __all__ = [
     "Objective",
     "OBJECTIVES",
     "LatentEncoder",
+    "step_context",
 ]
 
 
@@ -69,8 +75,8 @@ class TextEncoder(Protocol):
 
     key: str  # "clip_l" | "clip_h" | "clip_g" | any other stable name
     width: int  # d, the width of a token-embedding row
-    max_length: int  # tokens per sequence including BOS/EOS (77 for CLIP)
-    bos_id: int
+    max_length: int  # tokens per sequence including BOS/EOS (77 for CLIP), the length prompts are padded to
+    bos_id: int | None  # None: the tokenizer writes no start token (T5)
     eos_id: int
     pad_id: int
 
@@ -117,6 +123,10 @@ class Denoiser(Protocol):
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's epsilon estimate at ``t`` given the conditioning."""
         ...
+
+    # Optional: ``step_context()``, a context manager the trainer enters around each micro-batch's forward
+    # and backward pass (e.g. a model that mutates tensors autograd saved needs
+    # ``torch.autograd.graph.allow_mutation_on_saved_tensors``, which must span both).
 
 
 OBJECTIVES = ("eps", "v", "flow")  # what the loss compares (see the module docstring)
@@ -170,3 +180,10 @@ class SimpleTextSide:
         if self.pooled_from is not None:
             pooled = outputs[[e.key for e in self.encoders].index(self.pooled_from)].pooled
         return Conditioning(context, pooled)
+
+
+def step_context(denoiser) -> "contextlib.AbstractContextManager":
+    """``denoiser.step_context()`` where the denoiser has one (``Denoiser``), else a context that does nothing:
+    what a forward and backward pass of the denoiser runs inside."""
+    ctx = getattr(denoiser, "step_context", None)
+    return ctx() if ctx is not None else contextlib.nullcontext()

@@ -129,6 +129,12 @@ class TrainingOptions:
         "or context (the text encoder's output, "
         "cheaper: the encoder runs once per distinct prompt instead of once per image). A profile must be measured "
         "with the reading the run trains with.", choices=G_READINGS)
+    train_t5: bool = option(
+        False, "SD3 and Flux: T5-XXL learns its own rows of the concept too. Off (the default), only the CLIP encoders "
+        "learn and T5 keeps the init text's rows (encoded once per prompt, so T5 costs nothing after the first "
+        "steps); on, every step back-propagates through T5-XXL, much the largest part of the step. On Flux the "
+        "context is T5's alone, so with T5 off the concept reaches the model only through CLIP-L's pooled vector. "
+        "Ignored by SD1/SD2/SDXL.", widget=False)  # not on the node yet: its widget lands with the SD3/Flux examples
     # Not on the node: DVAR's published textual-inversion setting
     dvar_window: int = option(DVAR_WINDOW, "DVAR's window, in evaluations (steps when score_every = 1).", widget=False)
     dvar_threshold: float = option(DVAR_THRESHOLD, "DVAR's threshold on Var(last window) / Var(all).", widget=False)

@@ -14,6 +14,7 @@ distinct prompt once; per-sample gradient norms of seeds/000 Eq. 4 fall out of t
 
 from __future__ import annotations
 
+
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .embedding import LearnedEmbedding
 from .methods.g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
 from .groups import ParamGroup, VectorGroup, check_groups
 from .history import StepInfo, TrainHistory, TrainResult, TrainState
-from .host import Conditioning, Denoiser, TextSide
+from .host import Conditioning, Denoiser, TextSide, step_context
 from .methods.loss import draw_loss_terms, per_sample_mse
 from .loss_scale import DynamicLossScale
 from .methods.optim import AdamW, VectorOptimizer
@@ -195,8 +196,15 @@ class Trainer:
         self.tables = {e.key: e.token_table() for e in text.encoders}
         # The largest word norm per encoder: the divergence guard's unit.
         self.vocab_norm = {k: _max_row_norm(t) for k, t in self.tables.items()}
-        # The only trainable tensors: one [K_total, d] leaf per encoder.
-        self.params = {k: v.requires_grad_(True) for k, v in self.data.initial_vectors().items()}
+        # The only trainable tensors: one [K_total, d] leaf per encoder that learns. A frozen encoder's rows
+        # (``trainable = False``, e.g. T5 beside SD3's or Flux's CLIPs) stay at their initial values.
+        start = self.data.initial_vectors()
+        frozen = {e.key for e in text.encoders if getattr(e, "trainable", True) is False}
+        if frozen >= set(start):
+            raise ValueError(f"every text encoder ({', '.join(start)}) is frozen: nothing would learn; let at "
+                             "least one encoder train its vectors")
+        self.frozen = {k: v for k, v in start.items() if k in frozen}
+        self.params = {k: v.requires_grad_(True) for k, v in start.items() if k not in frozen}
         self.initial = self.data.initial_vectors()  # v0 for regularisers that pull back toward the init
         self.history = TrainHistory()
         self.step = 0
@@ -224,11 +232,16 @@ class Trainer:
         self._fixed = None  # ((draws, seed), the evaluation set): drawn once, on the first evaluation
 
     # ---- state -------------------------------------------------------------------------------
+    def all_vectors(self) -> dict[str, torch.Tensor]:
+        """Every encoder's rows: the learned leaves, and a frozen encoder's constant initial rows."""
+        return {**self.frozen, **self.params} if self.frozen else self.params
+
     def embeddings(self) -> list[LearnedEmbedding]:
         """The last good vectors of every concept (never a NaN step's), as detached embeddings."""
         out = []
         for c, r in zip(self.concepts, self.rows):
-            vec = {k: v[r.start:r.stop].detach().cpu().float().clone() for k, v in self._good.items()}
+            good = {**self.frozen, **self._good}
+            vec = {k: good[k][r.start:r.stop].detach().cpu().float().clone() for k in self.data.initial_keys()}
             meta = dict(c.embedding.metadata)
             meta.update(self.metadata)
             meta.update({"steps": str(self.step), "seed": str(self.config.seed),
@@ -292,7 +305,7 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Encode each distinct prompt once with the current vectors; rows follow ``prompts``."""
-        return self.data.encode(prompts, self.params)
+        return self.data.encode(prompts, self.all_vectors())
 
     def _micro_step(self, gen: torch.Generator, scale: float, loss_scale: float = 1.0):
         d = self.data.draw(gen, self.config.batch_size, self.sampler.sample)
@@ -300,7 +313,7 @@ class Trainer:
         if self.replica is not None:
             d = self.replica.shard(d)
         with autocast(self.device, self.config.autocast_dtype):
-            cond, handle = self.reading.encode(self.data, d.prompts, self.params)
+            cond, handle = self.reading.encode(self.data, d.prompts, self.all_vectors())
             pred, target = draw_loss_terms(self.denoiser, d, cond)
         per, n_eff = per_sample_mse(pred, target, d.mask)
         loss = per.mean()
@@ -373,7 +386,8 @@ class Trainer:
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         for micro in range(cfg.grad_accum):
             gen = step_generator(cfg.seed, self.step, micro)
-            res, t, prompts = self._micro_step(gen, scale, loss_scale)
+            with step_context(self.denoiser):
+                res, t, prompts = self._micro_step(gen, scale, loss_scale)
             if res is None:
                 if self.scaler is not None:
                     return self._skip_step("loss", losses, ts + [t])

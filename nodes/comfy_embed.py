@@ -20,7 +20,7 @@ import torch
 import comfy.sd1_clip
 
 from ..inversion.embedding import LearnedEmbedding, validate_name
-from .comfy_host import encoder_keys
+from .comfy_host import encoder_keys, is_sd3_clip
 
 __all__ = ["clip_with_embedding", "check_embedding_fits", "embedding_family", "for_clip", "GUESSED_KEY"]
 
@@ -33,6 +33,10 @@ def embedding_family(keys) -> str:
     keys = set(keys)
     if keys == {"clip_l", "clip_g"}:
         return "SDXL"
+    if keys == {"clip_l", "clip_g", "t5xxl"}:
+        return "SD3"
+    if keys == {"clip_l", "t5xxl"}:
+        return "Flux"
     if keys == {"clip_h"}:
         return "SD2.x"
     if keys == {"clip_l"}:
@@ -45,7 +49,9 @@ def check_embedding_fits(clip, emb: LearnedEmbedding, what: str = "embedding") -
     keys = encoder_keys(clip)
     widths = {k: int(getattr(clip.cond_stage_model, k).transformer.get_input_embeddings().weight.shape[1])
               for k in keys}
-    if set(emb.keys) != set(keys):
+    # An SD3 embedding's T5 rows go unused on an SD3 CLIP loaded without T5 (a checkpoint without it).
+    unused_t5 = is_sd3_clip(clip) and "t5xxl" not in keys and set(emb.keys) == set(keys) | {"t5xxl"}
+    if set(emb.keys) != set(keys) and not unused_t5:
         raise ValueError(
             f"{what} {emb.name!r} was learned for {embedding_family(emb.keys)} ({', '.join(emb.keys)}) but this "
             f"CLIP is {embedding_family(keys)} ({', '.join(keys)}); wire the CLIP of the model family it was "
@@ -144,6 +150,7 @@ def clip_with_embedding(clip, emb: LearnedEmbedding, trigger: str | None = None,
     if not (isinstance(strength, (int, float)) and -10.0 <= float(strength) <= 10.0):
         raise ValueError(f"strength must be a number in [-10, 10], got {strength!r}")
     check_embedding_fits(clip, emb)
+    keys = encoder_keys(clip)
     out = clip.clone()
     out.tokenizer = copy.copy(clip.tokenizer)  # CLIP.clone() shares the tokenizer object
     found = 0
@@ -151,7 +158,7 @@ def clip_with_embedding(clip, emb: LearnedEmbedding, trigger: str | None = None,
         if not isinstance(sub, comfy.sd1_clip.SDTokenizer):
             continue
         key = sub.embedding_key
-        if key not in emb.vectors:
+        if key not in emb.vectors or key not in keys:  # SD3's tokenizer has a T5 part even when its CLIP has no T5
             continue
         if _is_vocabulary_word(sub, trigger):
             raise ValueError(
@@ -169,6 +176,6 @@ def clip_with_embedding(clip, emb: LearnedEmbedding, trigger: str | None = None,
         new.tokenize_with_weights = _tokenize_with_weights.__get__(new)
         setattr(out.tokenizer, attr, new)
         found += 1
-    if found != len(encoder_keys(clip)):
-        raise ValueError(f"clip: could not find a tokenizer for every text encoder {encoder_keys(clip)}")
+    if found != len(keys):
+        raise ValueError(f"clip: could not find a tokenizer for every text encoder {keys}")
     return out

@@ -37,8 +37,11 @@ import torch.utils.checkpoint
 import comfy.clip_model
 import comfy.model_management
 import comfy.model_sampling
+import comfy.model_base
 import comfy.sd1_clip
 import comfy.sdxl_clip
+import comfy.text_encoders.flux
+import comfy.text_encoders.sd3_clip
 
 from ..inversion.embedding import ENCODER_KEYS  # ComfyUI's concatenation order (SDXL: l then g)
 from ..inversion.host import Conditioning, EncoderOutput, SimpleTextSide
@@ -61,22 +64,33 @@ __all__ = [
     "gradient_checkpointing",
 ]
 
-_SUPPORTED_CLIPS = (comfy.sd1_clip.SD1ClipModel, comfy.sdxl_clip.SDXLClipModel)
+_SD3_CLIP = comfy.text_encoders.sd3_clip.SD3ClipModel
+_FLUX_CLIP = comfy.text_encoders.flux.FluxClipModel
+_SUPPORTED_CLIPS = (comfy.sd1_clip.SD1ClipModel, comfy.sdxl_clip.SDXLClipModel, _SD3_CLIP, _FLUX_CLIP)
+
+
+def is_sd3_clip(clip) -> bool:
+    """Whether ``clip`` holds SD3's text encoders (clip_l, clip_g and maybe T5)."""
+    return isinstance(getattr(clip, "cond_stage_model", None), _SD3_CLIP)
 
 
 def encoder_keys(clip) -> list[str]:
-    """The CLIP text encoders inside a ComfyUI CLIP object, e.g. ["clip_l", "clip_g"] for SDXL."""
+    """The text encoders inside a ComfyUI CLIP object, e.g. ["clip_l", "clip_g"] for SDXL, ["clip_l",
+    "clip_g", "t5xxl"] for SD3 (without "t5xxl" when the checkpoint has no T5), ["clip_l", "t5xxl"] for Flux."""
     csm = getattr(clip, "cond_stage_model", None)
     if not isinstance(csm, _SUPPORTED_CLIPS):
         raise TypeError(
-            f"clip: textual inversion here supports the CLIP text encoders of SD1.x, SD2.x and SDXL "
-            f"checkpoints, got {type(csm).__name__}; load an SD1/SD2/SDXL checkpoint (or DualCLIPLoader "
-            "type sdxl) and wire its CLIP output"
+            f"clip: textual inversion here supports the text encoders of SD1.x, SD2.x, SDXL, SD3/SD3.5 and Flux.1 "
+            f"checkpoints, got {type(csm).__name__}; load such a checkpoint (or DualCLIPLoader type sdxl/flux, "
+            "TripleCLIPLoader for SD3) and wire its CLIP output"
         )
     keys = [k for k in ENCODER_KEYS if isinstance(getattr(csm, k, None), comfy.sd1_clip.SDClipModel)
             and isinstance(getattr(clip.tokenizer, k, None), comfy.sd1_clip.SDTokenizer)]
     if not keys:
-        raise TypeError(f"clip: found no clip_l/clip_h/clip_g text encoder in {type(csm).__name__}")
+        raise TypeError(f"clip: found no clip_l/clip_h/clip_g/t5xxl text encoder in {type(csm).__name__}")
+    if isinstance(csm, _SD3_CLIP) and not {"clip_l", "clip_g"} <= set(keys):
+        raise TypeError(f"clip: this SD3 CLIP has only {', '.join(keys)}; training needs clip_l and clip_g (load "
+                        "them with TripleCLIPLoader, or the checkpoint's own CLIP)")
     return keys
 
 
@@ -102,20 +116,30 @@ def _device_context(device):
 
 
 class ComfyTextEncoder:
-    """``inversion.host.TextEncoder`` for one text encoder (``key``) inside a ComfyUI CLIP."""
+    """``inversion.host.TextEncoder`` for one text encoder (``key``) inside a ComfyUI CLIP.
 
-    def __init__(self, clip, key: str):
+    T5 (``t5xxl``) has no start token and pads to its tokenizer's minimum length (77 in SD3, 256 in Flux)
+    rather than to a maximum: prompts are built to that length, as CLIPTextEncode builds them. With
+    ``trainable=False`` the encoder is frozen: its rows never change, so each distinct prompt is encoded
+    once, without a graph, and its output kept for the run (what makes a T5-XXL beside the CLIPs cost
+    nothing after the first steps)."""
+
+    def __init__(self, clip, key: str, trainable: bool = True):
         if key not in encoder_keys(clip):
             raise ValueError(f"clip has no text encoder {key!r}; it has {encoder_keys(clip)}")
         self.clip = clip
         self.key = key
+        self.trainable = bool(trainable)
         self.module = getattr(clip.cond_stage_model, key)  # sd1_clip.SDClipModel
         self.tokenizer = getattr(clip.tokenizer, key)  # sd1_clip.SDTokenizer
         self.width = int(self.module.transformer.get_input_embeddings().weight.shape[1])
-        self.max_length = int(self.tokenizer.max_length)
-        self.bos_id = int(self.tokenizer.start_token)
+        padded = getattr(self.tokenizer, "pad_to_max_length", True) or not self.tokenizer.min_length
+        self.max_length = int(self.tokenizer.max_length if padded else self.tokenizer.min_length)
+        start = self.tokenizer.start_token
+        self.bos_id = None if start is None else int(start)
         self.eos_id = int(self.tokenizer.end_token)
         self.pad_id = int(self.tokenizer.pad_token)
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def token_table(self) -> torch.Tensor:
         return self.module.transformer.get_input_embeddings().weight
@@ -129,6 +153,11 @@ class ComfyTextEncoder:
         if vectors.ndim != 2 or vectors.shape[1] != self.width:
             # ComfyUI would log and silently drop a vector of the wrong width.
             raise ValueError(f"{self.key}: learned vectors must be [k, {self.width}], got {tuple(vectors.shape)}")
+        if not self.trainable:
+            return self._frozen(ids, slots, vectors)
+        return self._run(ids, slots, vectors)
+
+    def _run(self, ids: torch.Tensor, slots: torch.Tensor, vectors: torch.Tensor) -> EncoderOutput:
         device = _apply_clip_options(self.clip)
         rows = vectors.unbind(0)
         batch = [[rows[s] if s >= 0 else i for i, s in zip(id_row, slot_row)]
@@ -137,44 +166,124 @@ class ComfyTextEncoder:
             out = self.module(batch)
         return EncoderOutput(out[0], out[1])
 
+    def _frozen(self, ids: torch.Tensor, slots: torch.Tensor, vectors: torch.Tensor) -> EncoderOutput:
+        """Each row's output once per (ids, slots): the rows are constants for the run."""
+        keys = [(tuple(i), tuple(s)) for i, s in zip(ids.tolist(), slots.tolist())]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if todo:
+            idx = [keys.index(k) for k in todo]
+            with torch.no_grad():
+                out = self._run(ids[idx], slots[idx], vectors.detach())
+            for n, k in enumerate(todo):
+                self._cache[k] = (out.hidden[n], None if out.pooled is None else out.pooled[n])
+        hidden = torch.stack([self._cache[k][0] for k in keys])
+        pooled = None if self._cache[keys[0]][1] is None else torch.stack([self._cache[k][1] for k in keys])
+        return EncoderOutput(hidden, pooled)
 
-def comfy_text_side(clip) -> SimpleTextSide:
-    """The CLIP's encoders as one ``TextSide``; SDXL's pooled output comes from clip_g."""
+
+class SD3TextSide(SimpleTextSide):
+    """SD3's conditioning from its encoders' outputs, as ``SD3ClipModel.encode_token_weights`` builds it: clip_l
+    and clip_g hidden states side by side, zero-padded to T5's 4096 features, then T5's tokens after them
+    on the sequence axis (when the CLIP has a T5); pooled = [clip_l pooled, clip_g pooled]."""
+
+    def combine(self, outputs):
+        by = {e.key: o for e, o in zip(self.encoders, outputs)}
+        l, g = by["clip_l"], by["clip_g"]
+        cut = min(l.hidden.shape[1], g.hidden.shape[1])
+        lg = torch.cat([l.hidden[:, :cut], g.hidden[:, :cut]], dim=-1)
+        context = torch.nn.functional.pad(lg, (0, 4096 - lg.shape[-1]))
+        if "t5xxl" in by:
+            context = torch.cat([context, by["t5xxl"].hidden], dim=-2)
+        return Conditioning(context, torch.cat([l.pooled, g.pooled], dim=-1))
+
+
+class FluxTextSide(SimpleTextSide):
+    """Flux's conditioning, as ``FluxClipModel.encode_token_weights`` builds it: the context is T5's hidden
+    states alone, clip_l gives only the pooled vector (the model's ``y``)."""
+
+    def combine(self, outputs):
+        by = {e.key: o for e, o in zip(self.encoders, outputs)}
+        return Conditioning(by["t5xxl"].hidden, by["clip_l"].pooled)
+
+
+def comfy_text_side(clip, train_t5: bool = False) -> SimpleTextSide:
+    """The CLIP's encoders as one ``TextSide``; SDXL's pooled output comes from clip_g, SD3's and Flux's are
+    built as ComfyUI builds them. T5 learns its own rows only with ``train_t5`` (back-propagating through
+    T5-XXL costs more than the rest of the step); otherwise it is frozen at the concept's initial rows."""
     keys = encoder_keys(clip)
-    pooled = "clip_g" if isinstance(clip.cond_stage_model, comfy.sdxl_clip.SDXLClipModel) else None
-    return SimpleTextSide([ComfyTextEncoder(clip, k) for k in keys], pooled_from=pooled)
+    encoders = [ComfyTextEncoder(clip, k, trainable=train_t5 or k != "t5xxl") for k in keys]
+    csm = clip.cond_stage_model
+    if isinstance(csm, _SD3_CLIP):
+        return SD3TextSide(encoders)
+    if isinstance(csm, _FLUX_CLIP):
+        return FluxTextSide(encoders)
+    pooled = "clip_g" if isinstance(csm, comfy.sdxl_clip.SDXLClipModel) else None
+    return SimpleTextSide(encoders, pooled_from=pooled)
+
+
+FLUX_GUIDANCE = 3.5  # the guidance a Flux run trains under: FluxGuidance's default and ComfyUI's own
 
 
 class ComfyDenoiser:
-    """``inversion.host.Denoiser`` over a ComfyUI MODEL (ModelPatcher) with a discrete schedule.
+    """``inversion.host.Denoiser`` over a ComfyUI MODEL (ModelPatcher) with a table of sigmas.
 
-    ``add_noise``: x_t = x0 + sigma_t * eps (ComfyUI's convention, the input ``apply_model``
-    expects); ``predict_eps``: (x_t - apply_model(x_t, sigma_t)) / sigma_t.
+    Diffusion models (SD1.x, SD2.x, SDXL; eps, v or x0): ``add_noise`` x_t = x0 + sigma_t * eps (ComfyUI's
+    convention, the input ``apply_model`` expects); ``predict_eps`` (x_t - apply_model(x_t, sigma_t)) / sigma_t.
+
+    Rectified-flow models (SD3, Flux: ``model_sampling`` of type CONST): x_t = (1 - sigma_t) x0 + sigma_t eps
+    (``noise_scaling``), ``objective`` "flow": the prediction is the velocity (x_t - x0_hat) / sigma_t and
+    the target eps - x0, the loss SD3 and Flux were trained with (Esser et al. 2024, Eq. 2 with the
+    rectified-flow weighting). The sigmas are the model's own table (``model_sampling.sigmas``: SD3's 1000
+    with its shift, Flux's 10000 with the shift of a ModelSamplingFlux node when one is wired before the
+    trainer, else the checkpoint's 1.15), so t indexes what sampling uses. Flux-dev's guidance input gets
+    ``FLUX_GUIDANCE`` (3.5), what a prompt is sampled with by default: the concept is learned under the
+    conditioning it will be used under.
     """
 
-    def __init__(self, model, *, latent_downscale: int = 8):
+    def __init__(self, model, *, latent_downscale: int = 8, guidance: float = FLUX_GUIDANCE):
         self.patcher = model
         self.base = model.model  # comfy.model_base.BaseModel
         sampling = model.get_model_object("model_sampling")
         sigmas = getattr(sampling, "sigmas", None)
-        if not isinstance(sampling, comfy.model_sampling.EPS) or sigmas is None or sigmas.ndim != 1:
+        flow = isinstance(sampling, comfy.model_sampling.CONST)
+        if not (flow or isinstance(sampling, comfy.model_sampling.EPS)) or sigmas is None or sigmas.ndim != 1:
             raise TypeError(
-                f"model: textual inversion needs a discrete-timestep diffusion model (SD1.x, SD2.x, SDXL); "
+                f"model: textual inversion needs an SD1.x, SD2.x, SDXL, SD3 or Flux model (a table of timesteps); "
                 f"this MODEL uses {type(sampling).__name__}, which is not supported"
             )
         self.sampling = sampling
         self.sigmas = sigmas.detach().float().cpu()
         self.num_timesteps = int(self.sigmas.shape[0])
         self.prediction = type(sampling).__name__
-        self.uses_adm = int(getattr(self.base, "adm_channels", 0) or 0) > 0
+        self.objective = "flow" if flow else "eps"
+        self.family = ("flux" if isinstance(self.base, comfy.model_base.Flux) else
+                       "sd3" if isinstance(self.base, comfy.model_base.SD3) else "unet")
+        self.uses_adm = int(getattr(self.base, "adm_channels", 0) or 0) > 0 and self.family == "unet"
+        params = getattr(getattr(self.base, "diffusion_model", None), "params", None)
+        self.guidance = float(guidance) if self.family == "flux" and getattr(params, "guidance_embed", False) else None
         self.latent_downscale = latent_downscale
         self.device = model.load_device
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigmas[t.detach().long().cpu()]
 
+    def step_context(self):
+        """Flux's blocks add their residuals in place (``img +=``, ``x +=``) onto tensors a LayerNorm saved for
+        backward. Under ``torch.autograd.graph.allow_mutation_on_saved_tensors`` (around each forward and
+        backward pass: the trainer enters it) such a tensor is cloned when it is mutated, so backward sees the
+        forward pass's values, without rewriting ComfyUI's blocks. It costs a copy per mutated saved tensor,
+        so only Flux gets it; sampling and the VAE (inference mode) run outside it."""
+        if self.family == "flux":
+            return torch.autograd.graph.allow_mutation_on_saved_tensors()
+        return contextlib.nullcontext()
+
+    def _sigma_like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.sigma(t).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = self.sigma(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        s = self._sigma_like(t, x0)
+        if self.objective == "flow":
+            return self.sampling.noise_scaling(s.flatten(), noise, x0)
         return x0 + s * noise
 
     def _adm(self, cond: Conditioning, x: torch.Tensor) -> torch.Tensor:
@@ -186,17 +295,49 @@ class ComfyDenoiser:
         # for a latent of this size with a plain CLIPTextEncode).
         return self.base.encode_adm(pooled_output=cond.pooled, width=w, height=h, device=x.device)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _extra(self, cond: Conditioning, x: torch.Tensor) -> dict:
+        if self.uses_adm:
+            return {"y": self._adm(cond, x)}
+        if self.family == "unet":
+            return {}
+        if cond.pooled is None:
+            raise ValueError(f"model: {self.family.upper()} needs the pooled text embedding of its CLIP; wire the "
+                             "CLIP that came with the model")
+        extra = {"y": cond.pooled.to(x.device, x.dtype)}  # SD3's and Flux's encode_adm: the pooled output itself
+        if self.guidance is not None:
+            extra["guidance"] = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=x.dtype)
+        return extra
+
+    def denoised(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, x0_hat): ``apply_model``'s estimate of the clean latents at ``t`` (every parameterisation)."""
         x = x_t.to(self.device, torch.float32)
         sigma = self.sigma(t).to(self.device)
-        context = cond.context
-        extra = {}
-        if self.uses_adm:
-            extra["y"] = self._adm(cond, x)
         options = dict(self.patcher.model_options.get("transformer_options", {}))
         options.update(cond_or_uncond=[0], uuids=[None], sigmas=sigma)
-        x0 = self.base.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **extra)
-        return (x - x0) / sigma.view(-1, *([1] * (x.ndim - 1)))
+        x0 = self.base.apply_model(x, sigma, c_crossattn=cond.context, transformer_options=options,
+                                   **self._extra(cond, x))
+        return x, x0
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x, x0 = self.denoised(x_t, t, cond)
+        s = self._sigma_like(t, x)
+        if self.objective == "flow":  # x_t = (1 - s) x0 + s eps
+            return (x - (1 - s) * x0) / s
+        return (x - x0) / s
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The objective's prediction: the velocity (x_t - x0_hat) / sigma for a flow model, else eps-hat."""
+        if self.objective != "flow":
+            return self.predict_eps(x_t, t, cond)
+        x, x0 = self.denoised(x_t, t, cond)
+        return (x - x0) / self._sigma_like(t, x)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps - x0 for a flow model (with ComfyUI's noise scale, (x_t - x0) / sigma), else eps."""
+        if self.objective != "flow":
+            return noise
+        x0 = x0.to(self.device, torch.float32)
+        return (self.add_noise(x0, noise.to(x0), t) - x0) / self._sigma_like(t, x0)
 
 
 class ComfyLatentEncoder:
@@ -268,17 +409,43 @@ def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
     return x + self.mlp(self.layer_norm2(x))
 
 
+def _t5_attention_forward(self, x, mask=None, past_bias=None, optimized_attention=None):
+    """``comfy.text_encoders.t5.T5LayerSelfAttention.forward`` with an out-of-place residual add."""
+    output, past_bias = self.SelfAttention(self.layer_norm(x), mask=mask, past_bias=past_bias,
+                                           optimized_attention=optimized_attention)
+    return x + output, past_bias
+
+
+def _t5_ff_forward(self, x):
+    """``comfy.text_encoders.t5.T5LayerFF.forward`` with an out-of-place residual add."""
+    return x + self.DenseReluDense(self.layer_norm(x))
+
+
+def _out_of_place_forwards() -> list[tuple[type, list[str], object]]:
+    """(class, its forward's arguments as this file was written for, the out-of-place forward): the text
+    encoder layers whose ``x +=`` would overwrite a tensor autograd saved (CLIP's and T5's residual adds)."""
+    import comfy.text_encoders.t5 as t5
+
+    return [(comfy.clip_model.CLIPLayer, _CLIP_LAYER_ARGS, _clip_layer_forward),
+            (t5.T5LayerSelfAttention, ["self", "x", "mask", "past_bias", "optimized_attention"], _t5_attention_forward),
+            (t5.T5LayerFF, ["self", "x"], _t5_ff_forward)]
+
+
 @contextlib.contextmanager
 def out_of_place_clip_layers(module: torch.nn.Module) -> Iterator[int]:
-    """Give every ``CLIPLayer`` instance in ``module`` an out-of-place forward; restored on exit."""
-    params = list(inspect.signature(comfy.clip_model.CLIPLayer.forward).parameters)
-    if params != _CLIP_LAYER_ARGS:
-        raise RuntimeError(f"ComfyUI's CLIPLayer.forward{tuple(params)} changed; nodes/comfy_host.py "
-                           "must be updated for this ComfyUI version")
-    layers = [m for m in module.modules() if isinstance(m, comfy.clip_model.CLIPLayer)
-              and "forward" not in m.__dict__]
-    for m in layers:
-        m.forward = types.MethodType(_clip_layer_forward, m)
+    """Give every CLIP and T5 layer in ``module`` an out-of-place forward; restored on exit."""
+    kinds = _out_of_place_forwards()
+    for cls, args, _ in kinds:
+        params = list(inspect.signature(cls.forward).parameters)
+        if params != args:
+            raise RuntimeError(f"ComfyUI's {cls.__name__}.forward{tuple(params)} changed; nodes/comfy_host.py "
+                               "must be updated for this ComfyUI version")
+    layers = []
+    for m in module.modules():
+        for cls, _, forward in kinds:
+            if isinstance(m, cls) and "forward" not in m.__dict__:
+                m.forward = types.MethodType(forward, m)
+                layers.append(m)
     try:
         yield len(layers)
     finally:
@@ -345,13 +512,30 @@ def _compute_dtype(model) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def training_host(model, clip, vae=None) -> Iterator[ComfyHost]:
+def _in_training() -> Iterator[None]:
+    """ComfyUI's own training flag (``model_management.in_training``, v0.2x+) for the duration: where it is set,
+    models take their differentiable paths (Flux's RoPE in plain torch instead of comfy_kitchen's kernel, which
+    has no backward), as core's LoRA trainer sets it. Older ComfyUIs have no flag and one path."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+@contextlib.contextmanager
+def training_host(model, clip, vae=None, train_t5: bool = False) -> Iterator[ComfyHost]:
     """Load MODEL and CLIP fully (as ComfyUI's own trainer does) and make them differentiable.
 
     Inside the block autograd is on and inference mode off (a prompt runs under
     ``torch.inference_mode()``). Encode images before entering, or with ``host.latent_encoder``:
-    the VAE is not kept loaded. On exit the CLIP layers get their own forward back; the thawed
-    tensors stay (same values, so later sampling is unchanged).
+    the VAE is not kept loaded. On exit the CLIP and T5 layers get their own forward back; the thawed
+    tensors stay (same values, so later sampling is unchanged). ``train_t5``: T5 (SD3, Flux) learns its
+    own rows too; by default it is frozen at the concept's initial rows (``comfy_text_side``).
     """
     encoder_keys(clip)
     model, clip = static_models(model, clip)  # already the static ones when the caller made them
@@ -362,8 +546,9 @@ def training_host(model, clip, vae=None) -> Iterator[ComfyHost]:
         denoiser = ComfyDenoiser(model)
         dtype = _compute_dtype(model)  # fp16 gradients are protected by the trainer's loss scaling
         latent_encoder = ComfyLatentEncoder(vae, model) if vae is not None else None
-        with out_of_place_clip_layers(clip.cond_stage_model), sdpa_attention(model):
-            yield ComfyHost(comfy_text_side(clip), denoiser, latent_encoder, torch.device(model.load_device), dtype)
+        with out_of_place_clip_layers(clip.cond_stage_model), sdpa_attention(model), _in_training():
+            yield ComfyHost(comfy_text_side(clip, train_t5), denoiser, latent_encoder, torch.device(model.load_device),
+                            dtype)
 
 
 # ---------------------------------------------------------------- precision and memory

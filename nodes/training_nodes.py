@@ -164,7 +164,7 @@ class GradNormProfiler(io.ComfyNode):
                                flip=opts.flip)
         total = -(-bins * samples_per_bin // batch_size)
         progress = progress_callback(total, node)
-        with training_host(model, clip) as host:
+        with training_host(model, clip, train_t5=opts.train_t5) as host:
             profile = profile_gradients(host.text_side, host.denoiser, [concept], bins=bins,
                                         samples_per_bin=samples_per_bin, batch_size=batch_size, seed=seed,
                                         templates=opts.template_list(), reading=opts.g_reading, callback=progress)
@@ -302,7 +302,7 @@ class TrainTextualInversion(io.ComfyNode):
         own = specs[0]  # previews show (and CLIP scores compare with) this node's own concept
         shown = None if previews is None else TrainingPreviews(  # before the run
             previews, model, clip, vae, node, *concept_pixels(own.images, own.masks, own.dataset))
-        with training_host(model, clip) as host, _memory(model, opts):
+        with training_host(model, clip, train_t5=opts.train_t5) as host, _memory(model, opts):
             autocast_dtype, loss_scale = training_precision(host, opts.precision)
             config = opts.train_config(steps=steps, batch_size=batch_size * len(data), seed=seed,
                                        lr=learning_rate or None, autocast_dtype=autocast_dtype, loss_scale=loss_scale,

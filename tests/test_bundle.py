@@ -106,8 +106,8 @@ def test_other_tools_bundles_read_as_their_words(tmp_path, layout):
     assert {e.name: {k: v.shape[0] for k, v in e.vectors.items()} for e in got} == expect
 
 
-def test_t5_vectors_and_unknown_parts_say_what_is_missing():
-    with pytest.raises(ValueError, match="T5.*CLIP vectors only"):
-        split_bundle({**_lora(), "bundle_emb.fx.t5": torch.zeros(1, 4096)})
+def test_t5_parts_read_as_t5xxl_and_unknown_parts_say_what_is_missing():
+    _, (emb,) = split_bundle({**_lora(), "bundle_emb.fx.clip_l": torch.ones(1, 768), "bundle_emb.fx.t5": torch.zeros(1, 4096)})
+    assert emb.keys == ["clip_l", "t5xxl"] and emb.vectors["t5xxl"].shape == (1, 4096)  # Flux: diffusers' "t5"
     with pytest.raises(ValueError, match="part 'weird' this pack does not know"):
         split_bundle({**_lora(), "bundle_emb.fx.weird": torch.zeros(1, 768)})

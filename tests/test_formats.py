@@ -119,7 +119,7 @@ def test_format_mismatches_are_explained(tmp_path):
             save_embedding(both, tmp_path / "x.safetensors", format=fmt)
     with pytest.raises(ValueError, match="exactly the encoders clip_l and clip_g.*format='single'"):
         save_embedding(make_emb(), tmp_path / "x.safetensors", format="sdxl")
-    with pytest.raises(ValueError, match="not known; use one of auto, single, sdxl, diffusers"):
+    with pytest.raises(ValueError, match="not known; use one of auto, single, sdxl, keyed, diffusers"):
         save_embedding(make_emb(), tmp_path / "x.safetensors", format="a1111")
     assert list(tmp_path.iterdir()) == []
 
@@ -494,3 +494,21 @@ def test_comfyui_load_embed_accepts_our_files(tmp_path):
         dtype, values = got[key]
         assert dtype == "torch.float32"
         assert torch.equal(torch.tensor(values, dtype=torch.float32), want), key
+
+
+def test_sd3_and_flux_files_are_keyed_by_encoder_and_read_other_tools_t5(tmp_path):
+    widths = {"clip_l": 768, "clip_g": 1280, "t5xxl": 4096}
+    sd3 = make_emb(keys=("clip_l", "clip_g", "t5xxl"), widths=widths)
+    path = save_embedding(sd3, tmp_path / "sd3.safetensors")
+    assert sorted(raw_keys(path)) == ["clip_g", "clip_l", "t5xxl"] and header(path)["format"] == "keyed"
+    back = load_embedding(path)
+    assert back.keys == ["clip_l", "clip_g", "t5xxl"] and all(torch.equal(back.vectors[k], sd3.vectors[k]) for k in widths)
+    # diffusers' / OneTrainer's Flux layout says "t5"; read as ComfyUI's t5xxl
+    safetensors.torch.save_file({"clip_l": torch.ones(2, 768), "t5": torch.zeros(2, 4096)}, str(tmp_path / "fx.safetensors"))
+    flux = load_embedding(tmp_path / "fx.safetensors")
+    assert flux.keys == ["clip_l", "t5xxl"] and flux.vectors["t5xxl"].shape == (2, 4096)
+    again = save_embedding(flux, tmp_path / "fx2.safetensors")
+    assert sorted(raw_keys(again)) == ["clip_l", "t5xxl"]
+    safetensors.torch.save_file({"t5": torch.zeros(1, 4096), "t5xxl": torch.zeros(1, 4096)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(ValueError, match="unrecognised embedding layout"):
+        load_embedding(tmp_path / "two.safetensors")  # both names of one encoder: ambiguous

@@ -473,3 +473,41 @@ def test_a_sampler_that_ignores_g_never_pays_for_the_tokens_reading(tiny, monkey
     monkeypatch.setattr(tr.data, "encode_per_sample", lambda *a, **k: per_sample.append(1))
     tr.run()
     assert per_sample == []
+
+
+def test_logit_normal_draws_the_middle_and_intervals_scale_to_the_table():
+    from inversion.methods.timesteps import LogitNormal, scaled
+
+    t = LogitNormal(1000).sample(20000, torch.Generator().manual_seed(0)).double()
+    assert 0 <= t.min() and t.max() <= 999
+    assert abs(float(t.mean()) - 500) < 10  # symmetric about the middle (m = 0)
+    middle = float(((t >= 250) & (t < 750)).double().mean())
+    assert 0.70 < middle < 0.76  # P(|logit u| < ln 3) for s = 1: 0.727; uniform would give 0.5
+    assert scaled(350, 10000) == 3500 and scaled(350, 1000) == 350
+    m = build_method("interval", None, 10000)
+    assert (m.sampler.a, m.sampler.b) == (3500, 4500)
+
+
+class _NoStartEncoder:
+    """A T5-like encoder for the prompt builder: no start token, EOS 1, pad 0, words split into other pieces."""
+
+    key, width, max_length, bos_id, eos_id, pad_id = "t5xxl", 4, 8, None, 1, 0
+
+    def tokenize(self, text):
+        return [len(w) + 1 for w in text.split() for _ in range(2)]  # two pieces per word
+
+    def token_table(self):
+        return torch.arange(40.0).view(10, 4)
+
+
+def test_prompts_without_a_start_token_and_init_rows_for_another_tokenizer(tiny):
+    from inversion.data.prompts import build_prompt_batch
+    from inversion.methods.init import from_text
+
+    pb = build_prompt_batch(_NoStartEncoder(), ["a <c> x"], {"<c>": (0, 2)})
+    assert pb.ids.tolist() == [[2, 2, 0, 0, 2, 2, 1, 0]] and pb.slots.tolist() == [[-1, -1, 0, 1, -1, -1, -1, -1]]
+    rows = from_text([tiny.encoder, _NoStartEncoder()], "red toy")
+    k = rows[tiny.encoder.key].shape[0]  # the CLIP's count decides k
+    t5 = rows["t5xxl"]
+    assert t5.shape == (k, 4) and torch.equal(t5[0], t5[-1])  # T5's pieces averaged, k times
+    assert torch.allclose(t5[0], torch.arange(40.0).view(10, 4)[[4, 4, 4, 4]].mean(0))

@@ -285,8 +285,8 @@ A LoRA without bundled embeddings (**embedding** = auto) gets the file beside it
 another one. Choose none to load the LoRA alone. The **triggers** output lists the words for your
 prompts.
 
-T5 vectors (Flux/SD3 bundles) are refused with a message: this version learns and applies CLIP
-vectors only.
+Flux and SD3 bundles carry T5 rows too (`t5` or `t5xxl`): they are applied to the CLIP's T5, as
+`embedding:` applies a file's `t5xxl` tensor.
 """,
     },
     "InversionTrainingOptions": {

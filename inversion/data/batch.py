@@ -137,6 +137,10 @@ class ConceptSet:
         return {e.key: torch.cat([c.embedding.vectors[e.key].float() for c in self.concepts]).to(self.device)
                 .detach().clone() for e in self.text.encoders}
 
+    def initial_keys(self) -> list[str]:
+        """The encoders' keys, in the text side's order (the order an embedding keeps its vectors in)."""
+        return [e.key for e in self.text.encoders]
+
     def _check(self) -> None:
         widths = {e.key: e.width for e in self.text.encoders}
         seen = set()
@@ -278,6 +282,9 @@ class ConceptSet:
             v = vectors[enc.key]
             k = v.shape[0]
             ids, slots = self._tokens(enc, prompts)
+            if not v.requires_grad:  # a frozen encoder's rows: no gradient to split per sample
+                outs.append(enc.encode(ids, slots, v))
+                continue
             shift = torch.arange(n, device=slots.device).unsqueeze(1) * k
             copy = v.unsqueeze(0).expand(n, *v.shape).clone()
             outs.append(enc.encode(ids, torch.where(slots >= 0, slots + shift, slots), copy.view(n * k, -1)))

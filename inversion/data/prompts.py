@@ -165,17 +165,22 @@ def build_prompt_batch(
     """Tokenise ``prompts`` for ``encoder``, expanding each placeholder to its k slots.
 
     ``placeholders`` maps a placeholder string to ``(offset, k)``: its vectors are rows
-    ``offset .. offset + k - 1`` of the learned-vector table handed to ``encoder.encode``.
+    ``offset .. offset + k - 1`` of the learned-vector table handed to ``encoder.encode``. A prompt is
+    [BOS] tokens EOS, padded with ``pad_id`` to ``max_length``; an encoder whose ``bos_id`` is None
+    (T5) gets no BOS, as its tokenizer writes none.
     """
     L = encoder.max_length
+    # T5 (SD3, Flux) has no start token (``bos_id`` None): its prompts begin with their first word.
+    bos = encoder.bos_id
+    filler = bos if bos is not None else encoder.pad_id  # ignored at slot positions; never the EOS id
     all_ids, all_slots = [], []
     for prompt in prompts:
-        ids: list[int] = [encoder.bos_id]
-        slots: list[int] = [-1]
+        ids: list[int] = [] if bos is None else [bos]
+        slots: list[int] = [] if bos is None else [-1]
         for part in _split_on_placeholders(prompt, placeholders):
             if isinstance(part, tuple):
                 offset, k = part
-                ids.extend([encoder.bos_id] * k)  # ignored at slot positions; never the EOS id
+                ids.extend([filler] * k)
                 slots.extend(range(offset, offset + k))
             else:
                 toks = encoder.tokenize(part)

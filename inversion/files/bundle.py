@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from ..embedding import ENCODER_KEYS, LearnedEmbedding, validate_name
+from ..embedding import LearnedEmbedding, validate_name
 from .formats import _check_vectors, _resolve_key
 from .lora_file import lora_layers
 from .safefile import atomic_save_safetensors
@@ -132,9 +132,6 @@ def _vectors(word: str, parts: Mapping[str, torch.Tensor], where: str, notes: di
             raise ValueError(f"{where}: embedding {word!r} part {part!r} is not a finite [k, d] tensor "
                              f"(shape {tuple(t.shape)})")
         key = _PART_KEYS[part] or _resolve_key(int(t.shape[1]), {}, None, notes)
-        if key not in ENCODER_KEYS:
-            raise ValueError(f"{where}: embedding {word!r} has {key} vectors (Flux/SD3's T5); this version learns "
-                             "and applies CLIP vectors only")
         if key in out:
             raise ValueError(f"{where}: embedding {word!r} holds two tensors for {key}")
         out[key] = t.contiguous().clone()

@@ -8,6 +8,11 @@ Layouts written (always safetensors, float32, contiguous CPU tensors):
 - ``"sdxl"``: ``{"clip_l": [k, 768], "clip_g": [k, 1280]}``. Loaded by ComfyUI (each SDXL
   tokenizer picks its own key; an SD1 model uses ``clip_l``), A1111 / Forge, InvokeAI and kohya's
   SDXL scripts.
+- ``"keyed"``: one tensor per encoder under ComfyUI's encoder key, for any set of encoders: SD3
+  ``{"clip_l", "clip_g", "t5xxl"}`` (or without ``t5xxl``), Flux ``{"clip_l", "t5xxl"}``. ComfyUI's
+  tokenizers each pick their own key (``embedding:NAME``); "auto" writes it for SD3's and Flux's sets
+  (SD3 without T5 is clip_l + clip_g: "sdxl", the same file).
+  Read back also with diffusers' / OneTrainer's ``t5`` for ``t5xxl``.
 - ``"diffusers"``: ``{placeholder_token: [k, d]}``, the ``learned_embeds.safetensors`` that
   diffusers' ``pipe.load_textual_inversion(path)`` reads (k > 1 becomes ``<tok> <tok>_1 ...``);
   ComfyUI and A1111 also read it as a one-key file.
@@ -44,8 +49,12 @@ __all__ = [
     "save_embedding",
 ]
 
-FORMATS = ("auto", "single", "sdxl", "diffusers")
+FORMATS = ("auto", "single", "sdxl", "keyed", "diffusers")
 SDXL_KEYS = ("clip_l", "clip_g")
+# Other tools' names for an encoder's tensor (diffusers' and OneTrainer's Flux / SD3 files say "t5").
+KEY_ALIASES = {"t5": "t5xxl"}
+# The encoder sets of SD3 (with and without T5) and Flux: what "auto" saves as "keyed".
+FLOW_KEY_SETS = (("clip_l", "clip_g", "t5xxl"), ("clip_l", "clip_g"), ("clip_l", "t5xxl"))
 # Token-embedding widths of the CLIP text encoders used by SD1 (ViT-L), SD2 (OpenCLIP ViT-H) and
 # SDXL's second encoder (OpenCLIP ViT-bigG): how a file without a header says which encoder.
 WIDTH_TO_KEY = {768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
@@ -56,7 +65,7 @@ _STRUCTURAL_KEYS = ("name", "placeholder", "format", "encoder_keys", "num_vector
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SUPPORTED_LAYOUTS = (
     "'emb_params' [k, d] (ComfyUI/A1111/kohya single file); 'clip_l' + 'clip_g' (SDXL, also 'clip_h' "
-    "alone); one '<token>' tensor [d] or [k, d] (diffusers learned_embeds); A1111 .pt with "
+    "alone; SD3 adds 't5xxl', Flux is 'clip_l' + 't5xxl', also written 't5'); one '<token>' tensor [d] or [k, d] (diffusers learned_embeds); A1111 .pt with "
     "'string_to_param'"
 )
 
@@ -119,14 +128,16 @@ def _resolve_format(emb: LearnedEmbedding, fmt: str) -> str:
             return "sdxl"
         if len(keys) == 1:
             return "single"
+        if sorted(keys) in (sorted(k) for k in FLOW_KEY_SETS):
+            return "keyed"
         raise ValueError(
-            f"format 'auto': no standard file layout holds encoders {', '.join(keys)}; embeddings "
-            "are saved for one encoder ('single') or for exactly clip_l + clip_g ('sdxl')"
+            f"format 'auto': no standard file layout holds encoders {', '.join(keys)}; embeddings are saved for "
+            "one encoder ('single'), clip_l + clip_g ('sdxl'), or SD3's / Flux's encoders ('keyed')"
         )
     if fmt in ("single", "diffusers") and len(keys) != 1:
         raise ValueError(
             f"format {fmt!r} holds one encoder but embedding {emb.name!r} has {', '.join(keys)}; "
-            "use format='sdxl' (or 'auto') for clip_l + clip_g"
+            "use format='sdxl' for clip_l + clip_g, 'keyed' (or 'auto') for any set of encoders"
         )
     if fmt == "sdxl" and sorted(keys) != sorted(SDXL_KEYS):
         raise ValueError(
@@ -161,6 +172,8 @@ def save_embedding(
         tensors = {"emb_params": next(iter(vectors.values()))}
     elif fmt == "sdxl":
         tensors = {k: vectors[k] for k in SDXL_KEYS}
+    elif fmt == "keyed":
+        tensors = dict(vectors)
     else:
         token = emb.placeholder
         if token == "emb_params" or token in ENCODER_KEYS:
@@ -227,8 +240,9 @@ def _classify(obj: Any, path: Path) -> _Parsed:
                 info[dst] = str(obj[src])
         return _Parsed("a1111", {"": value}, info=info)
     keys = [str(k) for k in obj]
-    if keys and set(keys) <= set(ENCODER_KEYS):
-        return _Parsed("sdxl", {str(k): v for k, v in obj.items()})
+    if keys and set(KEY_ALIASES.get(k, k) for k in keys) <= set(ENCODER_KEYS) and len(set(
+            KEY_ALIASES.get(k, k) for k in keys)) == len(keys):
+        return _Parsed("sdxl", {KEY_ALIASES.get(str(k), str(k)): v for k, v in obj.items()})
     if keys == ["emb_params"]:
         return _Parsed("single", {"": obj["emb_params"]})
     if len(keys) == 1 and isinstance(next(iter(obj.values())), torch.Tensor):

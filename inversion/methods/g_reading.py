@@ -82,8 +82,11 @@ class ContextReading(GReading):
 
     def encode(self, data, prompts, vectors):
         cond = data.encode(prompts, vectors)
-        cond.context.retain_grad()
-        return cond, cond.context
+        # c is what the learned rows reach: the context, or, where the context comes from a frozen encoder
+        # alone (Flux with its CLIP learning and T5 frozen), the pooled vector.
+        c = cond.context if cond.context.requires_grad or cond.pooled is None else cond.pooled
+        c.retain_grad()
+        return cond, c
 
     def norms(self, handle, per, n_eff, scale):
         return conditioning_grad_norms(handle.grad, per, n_eff, scale)

@@ -39,8 +39,10 @@ def text_tokens(encoder: TextEncoder, text: str) -> list[int]:
 def from_text(text_side, text: str, max_vectors: int = 74) -> dict[str, torch.Tensor]:
     """One vector per token of ``text`` (seeds/001, "Supreme Initialization"), per encoder.
 
-    Encoders with different tokenizers could split a text differently; the count k must agree,
-    so a mismatch raises and asks for a shorter text.
+    k is the number of tokens of the first encoder (a CLIP). An encoder whose tokenizer splits the
+    text into another number of pieces (T5's sentencepiece beside CLIP's BPE, in SD3 and Flux) gets
+    the mean of its pieces' rows k times, as ``from_word`` does for a word of several tokens: every
+    encoder then holds k vectors, which the file formats require.
     """
     out: dict[str, torch.Tensor] = {}
     for enc in _encoders(text_side):
@@ -50,11 +52,8 @@ def from_text(text_side, text: str, max_vectors: int = 74) -> dict[str, torch.Te
                              "fit in a prompt; shorten it")
         table = enc.token_table()
         out[enc.key] = table.detach()[torch.tensor(ids, device=table.device)].float().cpu().clone()
-    counts = {k: v.shape[0] for k, v in out.items()}
-    if len(set(counts.values())) != 1:
-        raise ValueError(f"init text {text!r} tokenises to different lengths per encoder {counts}; "
-                         "use a simpler text")
-    return out
+    k = next(iter(out.values())).shape[0]
+    return {key: v if v.shape[0] == k else v.mean(dim=0, keepdim=True).repeat(k, 1) for key, v in out.items()}
 
 
 def word_rows(encoder: TextEncoder, text: str, word: str) -> list[int]:

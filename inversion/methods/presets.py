@@ -10,6 +10,7 @@ convenient, documented combination for the node layer's single method selector.
 | single_step             | one t (400)                       | AdamW                | seeds/000  |
 | high_grad               | best window of a g(t) profile     | AdamW                | seeds/000  |
 | adaptive                | t ~ PDF(g(t)), g on the fly       | AdamW                | seeds/000  |
+| logit_normal            | t/T ~ logit-normal(0, 1)          | AdamW                | Esser et al. 2024 (SD3) |
 | directional             | uniform                           | Riemannian SGD + vMF | seeds/002  |
 | directional_adamw       | uniform                           | AdamW + projection   | seeds/002 (ablation) |
 | adaptive_directional    | t ~ PDF(g(t))                     | Riemannian SGD + vMF | 000 + 002  |
@@ -25,7 +26,7 @@ import torch
 
 from .init import from_word, vocab_mean_norm, word_rows
 from .optim import AdamW, ProjectedAdamW, RiemannianSGD, VectorOptimizer
-from .timesteps import Adaptive, Interval, Single, TimestepSampler, Uniform, high_grad
+from .timesteps import Adaptive, Interval, LogitNormal, Single, TimestepSampler, Uniform, high_grad, scaled
 
 __all__ = ["PRESETS", "DEFAULT_METHOD", "Preset", "MethodParams", "Method", "build_method", "describe_presets", "prior_directions"]
 
@@ -55,11 +56,15 @@ def _uniform(p: MethodParams, T: int, profile) -> TimestepSampler:
 
 
 def _interval(p: MethodParams, T: int, profile) -> TimestepSampler:
-    return Interval(*p.interval, T)
+    return Interval(scaled(p.interval[0], T), scaled(p.interval[1], T), T)  # given on 1000 steps
 
 
 def _single(p: MethodParams, T: int, profile) -> TimestepSampler:
-    return Single(p.single_t, T)
+    return Single(scaled(p.single_t, T), T)
+
+
+def _logit_normal(p: MethodParams, T: int, profile) -> TimestepSampler:
+    return LogitNormal(T)
 
 
 def _high_grad(p: MethodParams, T: int, profile) -> TimestepSampler:
@@ -67,7 +72,7 @@ def _high_grad(p: MethodParams, T: int, profile) -> TimestepSampler:
         raise ValueError("needs a gradient profile: run the gradient-norm profiler "
                          "(GradNormProfiler node) first and connect its profile, or choose 'adaptive', "
                          "which measures g(t) while training")
-    return high_grad(profile, p.window, T)
+    return high_grad(profile, scaled(p.window, T), T)
 
 
 def _adaptive(p: MethodParams, T: int, profile) -> TimestepSampler:
@@ -147,7 +152,7 @@ def _padamw(text_side, p: MethodParams, init, init_text=None) -> VectorOptimizer
 class Preset:
     """A named method: a timestep strategy, an optimiser and the step size that optimiser runs at."""
 
-    timesteps: str  # uniform | interval | single | high_grad | adaptive (for tables and the demo)
+    timesteps: str  # uniform | interval | single | high_grad | adaptive | logit_normal (tables, the demo)
     optimizer: type  # the optimiser class; its ``default_lr`` is the preset's learning rate
     description: str  # one line, shown in the node's description
     make_sampler: SamplerFactory
@@ -172,6 +177,8 @@ PRESETS: dict[str, Preset] = {
                         _high_grad, _adamw),
     "adaptive": Preset("adaptive", AdamW, "t ~ PDF(g(t)) with g measured during training (seeds/000 Eq. 5).",
                        _adaptive, _adamw),
+    "logit_normal": Preset("logit_normal", AdamW, "t/T ~ logit-normal(0, 1), the density SD3 was trained with "
+                           "(Esser et al. 2024).", _logit_normal, _adamw),
     "directional": Preset("uniform", RiemannianSGD,
                           "DTI: fixed norm, Riemannian SGD on the sphere, vMF prior (seeds/002).", _uniform, _rsgd),
     "directional_adamw": Preset("uniform", ProjectedAdamW, "DTI's ablation: AdamW then projection to the fixed norm.",

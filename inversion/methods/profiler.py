@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..data.batch import ConceptSet, autocast, step_generator
-from ..host import Denoiser, TextSide
+from ..host import Denoiser, TextSide, step_context
 from .g_reading import DEFAULT as DEFAULT_G_READING, reading as g_reading_of
 from ..progress import Progress
 from ..data.prompts import OBJECT_TEMPLATES, check_templates
@@ -141,15 +141,16 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     idx_all = data.sample_rows(gen, len(t_all), batch_size)  # a batch never mixes aspect buckets
     prompts_all = data.prompts(idx_all, gen)
     vectors = data.initial_vectors()
-    if g.name == "tokens":  # leaves, so each draw's copies of the rows carry a gradient
-        vectors = {k: v.requires_grad_(True) for k, v in vectors.items()}
+    if g.name == "tokens":  # leaves, so each draw's copies of the rows carry a gradient (a frozen encoder's: none)
+        learns = {e.key: getattr(e, "trainable", True) is not False for e in data.text.encoders}
+        vectors = {k: v.requires_grad_(learns[k]) for k, v in vectors.items()}
     cache = g.precompute(data, prompts_all, vectors)
     gs = []
     n_batches = (len(t_all) + batch_size - 1) // batch_size
     for k in range(n_batches):
         sl = slice(k * batch_size, (k + 1) * batch_size)
         d = data.draw_at(gen, idx_all[sl], prompts_all[sl], t_all[sl])
-        with autocast(data.device, autocast_dtype):
+        with autocast(data.device, autocast_dtype), step_context(denoiser):
             gs.append(g.measure(denoiser, data, d, vectors, cache).cpu())
         if callback is not None:
             callback(Progress(k + 1, n_batches))

@@ -11,6 +11,16 @@ From Wang & Kalogeiton, *Conditional Gradient-based Textual Inversion* (seeds/00
 - ``Single``: one fixed t (the paper's t = 400);
 - ``high_grad``: the interval of a gradient profile's highest window (strategy (1) of Sec. 3);
 - ``Adaptive``: t ~ PDF(g(t)) with g estimated on the fly (Eq. 5, strategy (2)).
+
+From Esser et al., *Scaling Rectified Flow Transformers* (SD3, 2024), Sec. 3.1:
+- ``LogitNormal``: t / T ~ logit-normal(m, s), the density SD3 was trained with.
+
+On a flow-matching model (SD3, Flux) the integer t indexes ComfyUI's table of sigmas (``model_sampling``:
+1000 entries for SD3, with its shift applied; 10000 for Flux, with the shift of its resolution): every
+strategy draws over that table, so "uniform" is uniform in the unshifted time and the shift moves the
+draws toward the noisy end exactly as it does for sampling. Fixed intervals and single steps are given
+on the 1000-step scale and scaled to the table (``scaled``), so [350, 450] is the same part of the
+schedule for a 10000-entry table.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TimestepSampler", "FixedRange", "Uniform", "Interval", "Single", "Adaptive", "high_grad", "reads_gradients"]
+__all__ = ["TimestepSampler", "FixedRange", "Uniform", "Interval", "Single", "Adaptive", "LogitNormal", "high_grad",
+           "reads_gradients", "scaled"]
 
 
 @runtime_checkable
@@ -77,6 +88,12 @@ def reads_gradients(sampler: TimestepSampler) -> bool:
         raise TypeError(f"timestep sampler {type(sampler).__name__} must declare reads_g = True or False (whether "
                         "observe's g steers its draws): the trainer encodes per sample only for one that reads it")
     return reads
+
+
+def scaled(t: int, num_timesteps: int, reference: int = 1000) -> int:
+    """Timestep ``t`` given on a ``reference``-step schedule, on one of ``num_timesteps`` steps (Flux's
+    sigma table has 10000): the same fraction of the schedule."""
+    return t if num_timesteps == reference else int(round(t * num_timesteps / reference))
 
 
 class Interval(FixedRange):
@@ -226,3 +243,30 @@ class Adaptive:
 
     def report(self) -> dict[str, Any]:
         return {"g_estimate": [float(x) for x in self.estimate], "bin_edges": [int(x) for x in self.edges]}
+
+
+class LogitNormal(FixedRange):
+    """t = floor(T u) with u ~ logit-normal(m, s): u = sigmoid(m + s z), z ~ N(0, 1).
+
+    The density of u is pi_ln(u; m, s) = 1 / (s sqrt(2 pi)) * 1 / (u (1 - u)) * exp(-(logit(u) - m)^2 / (2 s^2))
+    (Esser et al. 2024, Eq. 19), what SD3 was trained with (m = 0, s = 1): the middle of the schedule
+    weighted most, the ends rarely drawn. u is the unshifted time, as diffusers' SD3 and Flux trainers
+    draw it (``compute_density_for_timestep_sampling``, then the scheduler's shifted sigma at u), so on
+    SD3 (shift 3) the sigmas drawn sit toward the noisy end the way its training did.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, mean: float = 0.0, std: float = 1.0):
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if not std > 0:
+            raise ValueError(f"logit-normal std must be > 0, got {std}")
+        self.num_timesteps = num_timesteps
+        self.mean, self.std = float(mean), float(std)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(self.mean + self.std * z)
+        return (u * self.num_timesteps).floor().long().clamp(0, self.num_timesteps - 1)
+
+    def describe(self) -> str:
+        return f"logit_normal[m={self.mean:g},s={self.std:g}]"
