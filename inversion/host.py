@@ -43,6 +43,7 @@ __all__ = [
     "OBJECTIVES",
     "LatentEncoder",
     "step_context",
+    "is_trainable",
 ]
 
 
@@ -187,3 +188,8 @@ def step_context(denoiser) -> "contextlib.AbstractContextManager":
     what a forward and backward pass of the denoiser runs inside."""
     ctx = getattr(denoiser, "step_context", None)
     return ctx() if ctx is not None else contextlib.nullcontext()
+
+
+def is_trainable(encoder) -> bool:
+    """Whether ``encoder`` learns its rows of the concept: all do, except those that say ``trainable = False``."""
+    return getattr(encoder, "trainable", True) is not False

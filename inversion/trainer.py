@@ -14,7 +14,6 @@ distinct prompt once; per-sample gradient norms of seeds/000 Eq. 4 fall out of t
 
 from __future__ import annotations
 
-
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .embedding import LearnedEmbedding
 from .methods.g_reading import DEFAULT as DEFAULT_G_READING, check_profile_reading, check_reading, reading as g_reading_of
 from .groups import ParamGroup, VectorGroup, check_groups
 from .history import StepInfo, TrainHistory, TrainResult, TrainState
-from .host import Conditioning, Denoiser, TextSide, step_context
+from .host import Conditioning, Denoiser, TextSide, is_trainable, step_context
 from .methods.loss import draw_loss_terms, per_sample_mse
 from .loss_scale import DynamicLossScale
 from .methods.optim import AdamW, VectorOptimizer
@@ -199,7 +198,7 @@ class Trainer:
         # The only trainable tensors: one [K_total, d] leaf per encoder that learns. A frozen encoder's rows
         # (``trainable = False``, e.g. T5 beside SD3's or Flux's CLIPs) stay at their initial values.
         start = self.data.initial_vectors()
-        frozen = {e.key for e in text.encoders if getattr(e, "trainable", True) is False}
+        frozen = {e.key for e in text.encoders if not is_trainable(e)}
         if frozen >= set(start):
             raise ValueError(f"every text encoder ({', '.join(start)}) is frozen: nothing would learn; let at "
                              "least one encoder train its vectors")
@@ -239,8 +238,8 @@ class Trainer:
     def embeddings(self) -> list[LearnedEmbedding]:
         """The last good vectors of every concept (never a NaN step's), as detached embeddings."""
         out = []
+        good = {**self.frozen, **self._good}
         for c, r in zip(self.concepts, self.rows):
-            good = {**self.frozen, **self._good}
             vec = {k: good[k][r.start:r.stop].detach().cpu().float().clone() for k in self.data.initial_keys()}
             meta = dict(c.embedding.metadata)
             meta.update(self.metadata)

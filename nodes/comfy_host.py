@@ -333,11 +333,11 @@ class ComfyDenoiser:
         return (x - x0) / self._sigma_like(t, x)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps - x0 for a flow model (with ComfyUI's noise scale, (x_t - x0) / sigma), else eps."""
+        """eps - x0 for a flow model (with v0.2x+'s noise scale s, x_t = sigma s eps + (1 - sigma) x0, it is
+        s eps - x0: (x_t - x0) / sigma), else eps."""
         if self.objective != "flow":
             return noise
-        x0 = x0.to(self.device, torch.float32)
-        return (self.add_noise(x0, noise.to(x0), t) - x0) / self._sigma_like(t, x0)
+        return getattr(self.sampling, "noise_scale", 1.0) * noise - x0
 
 
 class ComfyLatentEncoder:

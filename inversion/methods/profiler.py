@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..data.batch import ConceptSet, autocast, step_generator
-from ..host import Denoiser, TextSide, step_context
+from ..host import Denoiser, TextSide, is_trainable, step_context
 from .g_reading import DEFAULT as DEFAULT_G_READING, reading as g_reading_of
 from ..progress import Progress
 from ..data.prompts import OBJECT_TEMPLATES, check_templates
@@ -142,7 +142,7 @@ def profile_gradients(text: TextSide, denoiser: Denoiser, concepts: Sequence[Con
     prompts_all = data.prompts(idx_all, gen)
     vectors = data.initial_vectors()
     if g.name == "tokens":  # leaves, so each draw's copies of the rows carry a gradient (a frozen encoder's: none)
-        learns = {e.key: getattr(e, "trainable", True) is not False for e in data.text.encoders}
+        learns = {e.key: is_trainable(e) for e in data.text.encoders}
         vectors = {k: v.requires_grad_(learns[k]) for k, v in vectors.items()}
     cache = g.precompute(data, prompts_all, vectors)
     gs = []
